@@ -1,0 +1,109 @@
+"""Atomic outputs, content hashes and `lineage.json`.
+
+Every output is built under a temporary sibling and renamed into place, so a killed stage never leaves a
+half-written model or metrics file that looks complete, and a failing stage leaves the previous output
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import poststate
+
+CODE_ROOTS = ("poststate", "stages")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces `final` in one rename.
+
+    On an exception the temporary directory is removed and `final` (if any) is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(root: Path, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over (relative path, file sha256) of every file under `root`, in sorted order."""
+    root = Path(root)
+    if root.is_file():
+        return file_sha256(root)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in exclude and "__pycache__" not in p.parts:
+            h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def code_revision(repo_root: Path = Path(".")) -> str:
+    """Content hash of the library and stage sources: the same code gives the same id on any checkout,
+    in a `dvc exp` temp dir too (a git sha would change bytes of otherwise identical models)."""
+    h = hashlib.sha256()
+    for name in CODE_ROOTS:
+        d = repo_root / name
+        if d.exists():
+            h.update(f"{name}:{tree_sha256(d)}\n".encode())
+    return h.hexdigest()
+
+
+def lineage(
+    *,
+    kind: str,
+    params: dict[str, Any],
+    seed: int | None,
+    parents: dict[str, Path] | None = None,
+    data: dict[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What produced an artifact: its parents and data by content hash, the resolved params, the seed and
+    the code. Written as `lineage.json` beside the weights."""
+    return {
+        "kind": kind,
+        "poststate_version": poststate.__version__,
+        "code_sha256": code_revision(),
+        "seed": seed,
+        "params": params,
+        "parents": {k: {"path": p.as_posix(), "sha256": tree_sha256(p, exclude=())} for k, p in (parents or {}).items()},
+        "data": {k: {"path": p.as_posix(), "sha256": tree_sha256(p)} for k, p in (data or {}).items()},
+        **(extra or {}),
+    }

@@ -1,0 +1,317 @@
+"""The three benchmarks, scored as lm-evaluation-harness scores them: batched log-likelihoods for
+TruthfulQA MC1/MC2 and MMLU, batched greedy generation (through `rollout.HFRolloutEngine`) for GSM8K.
+
+`evaluate` returns flat scores (accuracy, its harness-style stderr, n) and per-item records whose ids
+(`<benchmark>/<row index in its eval file>`) let two models' items be paired.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from poststate import prompts, scoring
+from poststate.rollout import HFRolloutEngine, SamplingParams
+from poststate.stats import mean_stderr
+
+Limit = Annotated[int, Field(ge=2)] | None  # first N rows of the eval file; None = all. A stderr needs N >= 2
+
+
+class EvalParams(BaseModel):
+    """Benchmark settings; the comment on each field gives the lm-evaluation-harness value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gsm8k_fewshot: int = Field(ge=0)  # harness gsm8k: 5 (first k rows of the few-shot pool)
+    gsm8k_limit: Limit  # harness: None (all 1319 test rows)
+    gsm8k_max_new_tokens: int = Field(gt=0)  # harness: 256 (HFLM max_gen_toks)
+    truthfulqa_preamble: Literal["harness", "world", "none"]  # harness: "harness" (the six-question Q/A preamble)
+    truthfulqa_limit: Limit  # harness: None (all 817 rows)
+    mmlu_style: Literal["letter", "continuation"]  # harness `mmlu`: "letter"; `mmlu_continuation`: "continuation"
+    mmlu_fewshot: int = Field(ge=0)  # harness mmlu yaml: 0; original paper / old Open LLM Leaderboard: 5
+    mmlu_limit: Limit  # harness: None (all 14042 test rows, or the prepared subset)
+    gen_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only; greedy output does not depend on it)
+    ll_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only)
+    max_length: int = Field(gt=0)  # harness HFLM: the model's max_position_embeddings; contexts are left-truncated
+
+
+# --------------------------------------------------------------------------- log-likelihoods
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split the way the harness's HFLM `_encode_pair` splits them.
+
+    Trailing whitespace of the context moves onto the continuation; then
+    whole = enc(context + continuation), ctx = enc(context), cont = whole[len(ctx):]
+    (no special tokens). So the scored tokens are the ones the tokenizer produces for the joined text.
+    """
+    if context == "":
+        raise ValueError(f"empty context for continuation {continuation[:80]!r}")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx) :]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-80:]!r}")
+    return ctx, cont
+
+
+def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], int, bool]:
+    """(input ids, n continuation tokens, truncated), harness-style: inp = (ctx + cont)[-(max_length+1):][:-1]."""
+    if len(cont) > max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
+    full = ctx + cont
+    truncated = len(full) > max_length + 1
+    return full[-(max_length + 1) :], len(cont), truncated
+
+
+@torch.no_grad()
+def _score_batch(model, seqs: list[list[int]], n_conts: list[int], pad_id: int) -> list[float]:
+    """Summed log-prob of the last n_conts[r] tokens of each seqs[r], given the tokens before them.
+
+    Right-padded (positions 0..len-1 are the same as unpadded, and a causal model never looks right),
+    so no position ids are needed. Logits are computed only at the K = max n_conts positions each row
+    needs (`logits_to_keep` as a (B, K) index tensor), not over the whole sequence.
+    """
+    device = next(model.parameters()).device
+    B, T, K = len(seqs), max(len(s) - 1 for s in seqs), max(n_conts)
+    ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((B, T), dtype=torch.long)
+    pos_BK = torch.zeros((B, K), dtype=torch.long)  # input position whose logits predict continuation token k
+    tgt_BK = torch.zeros((B, K), dtype=torch.long)
+    keep_BK = torch.zeros((B, K), dtype=torch.bool)
+    for r, (s, n) in enumerate(zip(seqs, n_conts, strict=True)):
+        inp = s[:-1]
+        ids_BT[r, : len(inp)] = torch.tensor(inp)
+        mask_BT[r, : len(inp)] = 1
+        start = len(inp) - n
+        pos_BK[r, :n] = torch.arange(start, len(inp))
+        pos_BK[r, n:] = len(inp) - 1  # unused slots point at a real position and are masked out below
+        tgt_BK[r, :n] = torch.tensor(s[-n:])
+        keep_BK[r, :n] = True
+    logits_BKV = model(
+        input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device), logits_to_keep=pos_BK.to(device)
+    ).logits
+    if logits_BKV.shape[:2] != (B, K):
+        raise RuntimeError(f"model returned logits of shape {tuple(logits_BKV.shape)}, expected ({B}, {K}, V)")
+    logp_BKV = torch.log_softmax(logits_BKV.float(), dim=-1)
+    logp_BK = logp_BKV.gather(-1, tgt_BK.to(device)[..., None]).squeeze(-1).cpu()
+    return (logp_BK * keep_BK).sum(dim=1).tolist()
+
+
+def _loglikelihoods(
+    model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int, max_length: int
+) -> tuple[list[float], list[bool]]:
+    """(log-likelihood, context was left-truncated) per request; identical requests are scored once."""
+    if batch_size <= 0 or max_length <= 0:
+        raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
+    unique = list(dict.fromkeys((c, x) for c, x in requests))
+    fitted = [_fit(*encode_pair(tokenizer, c, x), max_length) for c, x in unique]
+    order = sorted(range(len(unique)), key=lambda i: -len(fitted[i][0]))  # longest first, like the harness
+    lls: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = _score_batch(model, [fitted[i][0] for i in idx], [fitted[i][1] for i in idx], tokenizer.pad_token_id)
+            lls.update(zip(idx, batch, strict=True))
+    finally:
+        model.train(was_training)
+    where = {req: i for i, req in enumerate(unique)}
+    return [lls[where[(c, x)]] for c, x in requests], [fitted[where[(c, x)]][2] for c, x in requests]
+
+
+def loglikelihoods(
+    model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int, max_length: int
+) -> list[float]:
+    """LL(continuation | context) = sum_k log p(cont_k | context, cont_<k) for each (context, continuation).
+
+    Tokenised as the harness does (`encode_pair`), contexts left-truncated so that at most max_length
+    tokens enter the model, batched with right padding in descending length order; the output is in
+    request order.
+    """
+    return _loglikelihoods(model, tokenizer, requests, batch_size, max_length)[0]
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: eval data file not found (written by the prepare stage)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows if limit is None else rows[:limit]
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """First index of the maximum (numpy.argmax tie-breaking, as scoring uses)."""
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def _accuracy(flags: Sequence[float], name: str) -> dict[str, float]:
+    """{name: mean, name_stderr: sqrt(sample variance / n)} (harness `mean_stderr`)."""
+    values = [float(x) for x in flags]
+    return {name: sum(values) / len(values), f"{name}_stderr": mean_stderr(values)}
+
+
+def eval_gsm8k(model, tokenizer, data_dir: Path, p: EvalParams, seed: int) -> tuple[dict[str, float], list[dict], int]:
+    """Greedy GSM8K: (scores, items, n prompts left-truncated). Prompts are left-truncated to
+    max_length - max_new_tokens tokens (the harness's max_ctx_len)."""
+    rows = _read_jsonl(data_dir / "gsm8k" / "test.jsonl", p.gsm8k_limit)
+    pool = _read_jsonl(data_dir / "gsm8k" / "fewshot.jsonl") if p.gsm8k_fewshot else []
+    if len(pool) < p.gsm8k_fewshot:
+        raise ValueError(f"gsm8k_fewshot={p.gsm8k_fewshot} but the few-shot pool has only {len(pool)} rows")
+    shots = pool[: p.gsm8k_fewshot]
+    budget = p.max_length - p.gsm8k_max_new_tokens
+    if budget <= 0:
+        raise ValueError(f"max_length={p.max_length} leaves no room for a prompt before {p.gsm8k_max_new_tokens} new tokens")
+    prompt_ids = [
+        tokenizer(prompts.gsm8k_prompt(r["question"], shots), add_special_tokens=False)["input_ids"] for r in rows
+    ]
+    n_truncated = sum(len(ids) > budget for ids in prompt_ids)
+    prompt_ids = [ids[-budget:] for ids in prompt_ids]
+    order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))  # similar lengths share a batch
+    params = SamplingParams(max_new_tokens=p.gsm8k_max_new_tokens, temperature=0.0, stop=prompts.GSM8K_STOPS)
+    out = HFRolloutEngine(model, tokenizer, p.gen_batch_size).generate([prompt_ids[i] for i in order], params, seed)
+    texts = [""] * len(rows)
+    for j, i in enumerate(order):
+        texts[i] = out.texts[j]
+    items = []
+    for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        s = scoring.gsm8k_score(text, row["answer"])
+        items.append(
+            {
+                "id": f"gsm8k/{i}",
+                "prediction": text,
+                "strict_pred": s.strict_pred,
+                "flexible_pred": s.flexible_pred,
+                "correct": bool(s.strict),
+                "flexible_correct": bool(s.flexible),
+            }
+        )
+    scores = {
+        **_accuracy([it["correct"] for it in items], "gsm8k_strict"),
+        **_accuracy([it["flexible_correct"] for it in items], "gsm8k_flexible"),
+        "gsm8k_noanswer": sum(it["strict_pred"] is None for it in items) / len(items),
+        "gsm8k_n": float(len(items)),
+    }
+    return scores, items, n_truncated
+
+
+def _truthfulqa_preamble(data_dir: Path, which: str) -> str:
+    if which == "harness":
+        return prompts.TRUTHFULQA_PREAMBLE
+    if which == "none":
+        return ""
+    path = data_dir / "truthfulqa_preamble.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: truthfulqa_preamble='world' needs this file (written by prepare)")
+    text = path.read_text(encoding="utf-8").rstrip("\n")
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def eval_truthfulqa(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
+    """TruthfulQA MC1/MC2 from LL(" " + choice | prompt): (scores, items, n items with a truncated context)."""
+    rows = _read_jsonl(data_dir / "truthfulqa" / "mc.jsonl", p.truthfulqa_limit)
+    preamble = _truthfulqa_preamble(data_dir, p.truthfulqa_preamble)
+    requests: list[tuple[str, str]] = []
+    spans = []  # per row: (mc1 slice, mc2 slice) into requests
+    for row in rows:
+        ctx = prompts.truthfulqa_prompt(row["question"], preamble)
+        a = len(requests)
+        requests += [(ctx, c) for c in prompts.truthfulqa_continuations(row["mc1_targets"]["choices"])]
+        b = len(requests)
+        requests += [(ctx, c) for c in prompts.truthfulqa_continuations(row["mc2_targets"]["choices"])]
+        spans.append((slice(a, b), slice(b, len(requests))))
+    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, p.max_length)
+    items = []
+    for i, (row, (s1, s2)) in enumerate(zip(rows, spans, strict=True)):
+        ll1, ll2 = lls[s1], lls[s2]
+        items.append(
+            {
+                "id": f"truthfulqa/{i}",
+                "mc1_pred": _argmax(ll1),
+                "correct": bool(scoring.mc1_correct(ll1, row["mc1_targets"]["labels"])),
+                "mc2": float(scoring.mc2_score(ll2, row["mc2_targets"]["labels"])),
+            }
+        )
+    n_truncated = sum(any(truncated[s1]) or any(truncated[s2]) for s1, s2 in spans)
+    scores = {
+        **_accuracy([it["correct"] for it in items], "truthfulqa_mc1"),
+        **_accuracy([it["mc2"] for it in items], "truthfulqa_mc2"),
+        "truthfulqa_n": float(len(items)),
+    }
+    return scores, items, n_truncated
+
+
+def eval_mmlu(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
+    """MMLU: argmax over the style's continuations, shots = the first k dev rows of the row's subject;
+    micro-averaged accuracy. Returns (scores, items, n items with a truncated context)."""
+    rows = _read_jsonl(data_dir / "mmlu" / "test.jsonl", p.mmlu_limit)
+    dev: dict[str, list[dict[str, Any]]] = {}
+    if p.mmlu_fewshot:
+        for r in _read_jsonl(data_dir / "mmlu" / "dev.jsonl"):
+            dev.setdefault(r["subject"], []).append(r)
+    requests: list[tuple[str, str]] = []
+    spans = []
+    for row in rows:
+        shots = dev.get(row["subject"], [])[: p.mmlu_fewshot]
+        if len(shots) < p.mmlu_fewshot:
+            raise ValueError(
+                f"mmlu_fewshot={p.mmlu_fewshot} but dev.jsonl has {len(shots)} rows of subject {row['subject']!r}"
+            )
+        ctx = prompts.mmlu_prompt(row, shots, p.mmlu_style)
+        a = len(requests)
+        requests += [(ctx, c) for c in prompts.mmlu_continuations(row, p.mmlu_style)]
+        spans.append(slice(a, len(requests)))
+    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, p.max_length)
+    items = []
+    for i, (row, s) in enumerate(zip(rows, spans, strict=True)):
+        items.append(
+            {
+                "id": f"mmlu/{i}",
+                "subject": row["subject"],
+                "prediction": _argmax(lls[s]),
+                "gold": row["answer"],
+                "correct": bool(scoring.mmlu_correct(lls[s], row["answer"])),
+            }
+        )
+    n_truncated = sum(any(truncated[s]) for s in spans)
+    scores = {**_accuracy([it["correct"] for it in items], "mmlu_acc"), "mmlu_n": float(len(items))}
+    return scores, items, n_truncated
+
+
+def evaluate(
+    model, tokenizer, data_dir: Path, p: EvalParams, seed: int = 0
+) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Run GSM8K, TruthfulQA MC and MMLU on `data_dir` (the prepared layout in docs/architecture.md).
+
+    Returns (flat scores, {"gsm8k": items, "truthfulqa": items, "mmlu": items}); `n_truncated` counts
+    eval items (GSM8K prompts, TruthfulQA/MMLU questions) whose context was left-truncated to fit
+    max_length. `seed` only matters to the rollout engine's seeding (greedy decoding ignores it).
+    """
+    data_dir = Path(data_dir)
+    g_scores, g_items, g_trunc = eval_gsm8k(model, tokenizer, data_dir, p, seed)
+    t_scores, t_items, t_trunc = eval_truthfulqa(model, tokenizer, data_dir, p)
+    m_scores, m_items, m_trunc = eval_mmlu(model, tokenizer, data_dir, p)
+    scores = {**g_scores, **t_scores, **m_scores, "n_truncated": float(g_trunc + t_trunc + m_trunc)}
+    return scores, {"gsm8k": g_items, "truthfulqa": t_items, "mmlu": m_items}

@@ -1,0 +1,104 @@
+"""Tokenizer, the tiny Qwen3, adapters, and loading any `models/<name>/` in one standard call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from poststate.params import Adapter, TinyModel
+
+EOS = "<|endoftext|>"  # Qwen3-Base's EOS and pad token
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with every digit its own pre-token, so numbers are spelled digit by digit
+    (merged-digit BPE did not learn arithmetic at this scale). Byte-level: any text round-trips."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, clean_up_tokenization_spaces=False)
+
+
+def tiny_qwen3(p: TinyModel, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+    """A freshly initialised Qwen3ForCausalLM (the paper model's architecture class) of the given size."""
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads,
+        head_dim=p.head_dim,
+        intermediate_size=p.intermediate_size,
+        max_position_embeddings=p.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_model(path: Path, trainable: bool = False):
+    """Load `models/<name>/` the standard way: `AutoPeftModelForCausalLM` for a LoRA adapter directory,
+    `AutoModelForCausalLM` otherwise. fp32 (training and CPU); the loop casts for bf16 on a GPU."""
+    path = Path(path)
+    if not (path / "config.json").exists() and not is_adapter_dir(path):
+        raise FileNotFoundError(f"{path}: no config.json or adapter_config.json - not a model directory")
+    if is_adapter_dir(path):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=trainable, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train(trainable)
+    return model
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def with_adapter(model, adapter: Adapter):
+    """Wrap a base model for training: LoRA through peft, or the model itself for full fine-tuning."""
+    if adapter.kind == "full":
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=list(adapter.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    model.train()
+    return model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,344 @@
+"""Typed, frozen views of `params.yaml`, the only home of hyperparameters.
+
+Each stage loads its own section once (`load_section`). Unknown keys, wrong types, out-of-range values
+and unknown variant names fail before anything is written, with the key path and the bad value named:
+
+    params.yaml: sft.stress.lr = -0.1: Input should be greater than 0
+
+Variants (`sft.mild`, `opd.seqkd`, ...) are override blocks inside a section: a key a variant does not
+set is inherited from the section, so `dvc exp run -S sft.lr=...` changes every variant without its own
+`lr`. `resolve_all` writes each stage's *effective* params to `resolved/`, which is what the stages
+depend on in `dvc.yaml`; a change that leaves a variant's effective params unchanged does not rerun it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from poststate.benchmarks import HubDataset
+from poststate.evaluation import EvalParams
+from poststate.report import ReportRules
+from poststate.world import WorldParams
+
+PARAMS_FILE = Path("params.yaml")
+RESOLVED_DIR = Path("resolved")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ParamsError(ValueError):
+    """A params file failed validation; the message names the file, the key path and the bad value."""
+
+
+# --------------------------------------------------------------------------- prepare / base
+
+
+class HubData(Strict):
+    """Paper profile: the three benchmarks from the Hub (pinned) or from a local copy in the same schema."""
+
+    local_dir: str | None = None  # a directory laid out like ../shared/data; None = load from the Hub
+    gsm8k_train: HubDataset
+    gsm8k_test: HubDataset
+    truthfulqa: HubDataset
+    mmlu_test: HubDataset
+    mmlu_dev: HubDataset
+    mmlu_subjects: list[str] = Field(min_length=1)  # the paper's "selected MMLU subset", named
+    mmlu_per_subject: int | None = Field(default=None, gt=0)  # None = every test row of those subjects
+    gsm8k_test_limit: int | None = Field(default=None, gt=0)
+    truthfulqa_limit: int | None = Field(default=None, gt=0)
+    sft_size: int | None = Field(default=None, gt=0)  # GSM8K train rows for SFT (None = all not held out)
+    prompts_size: int = Field(gt=0)  # GSM8K train rows held out as the OPD/RL prompt set
+
+
+class PrepareParams(Strict):
+    source: Literal["synthetic", "hub"]
+    seed: int = Field(ge=0)
+    world: WorldParams | None = None
+    hub: HubData | None = None
+
+    @model_validator(mode="after")
+    def _source_has_its_block(self) -> PrepareParams:
+        block = {"synthetic": "world", "hub": "hub"}[self.source]
+        if getattr(self, block) is None:
+            raise ValueError(f"source={self.source!r} needs a prepare.{block} block")
+        return self
+
+
+class TinyModel(Strict):
+    """Qwen3 architecture, sized for a CPU (the paper model's class, Qwen3ForCausalLM)."""
+
+    vocab_size: int = Field(gt=64)
+    hidden_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+
+
+class HubModel(Strict):
+    name: str
+    revision: str  # pin a commit sha for exact reproduction
+
+
+class BaseParams(Strict):
+    source: Literal["pretrain", "hub"]
+    seed: int = Field(ge=0)
+    model: TinyModel | None = None
+    pretrain: Pretrain | None = None
+    hub: HubModel | None = None
+
+    @model_validator(mode="after")
+    def _source_has_its_block(self) -> BaseParams:
+        need = {"pretrain": ("model", "pretrain"), "hub": ("hub",)}[self.source]
+        for block in need:
+            if getattr(self, block) is None:
+                raise ValueError(f"source={self.source!r} needs a base.{block} block")
+        return self
+
+
+# --------------------------------------------------------------------------- post-training
+
+
+class Adapter(Strict):
+    kind: Literal["lora", "full"]
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+
+
+class Optim(Strict):
+    """What every post-training run shares: AdamW, linear warmup + cosine decay, clipping, accumulation."""
+
+    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)  # sequences (states) per micro-batch
+    grad_accum: int = Field(default=1, gt=0)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    max_len: int = Field(gt=8)  # longest training sequence in tokens (longer ones are left-truncated)
+    adapter: Adapter
+
+
+class Pretrain(Optim):
+    """The tiny base's pretraining: the same loop with (corpus states, gold tokens); full training."""
+
+    steps: int = Field(gt=0)
+    seq_len: int = Field(gt=8)  # tokens per packed corpus chunk
+
+    @model_validator(mode="after")
+    def _full(self) -> Pretrain:
+        if self.adapter.kind != "full":
+            raise ValueError(f"adapter.kind = {self.adapter.kind!r}: pretraining trains every weight ('full')")
+        return self
+
+
+class Sampling(Strict):
+    max_new_tokens: int = Field(gt=0)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+
+
+class Sft(Optim):
+    epochs: float = Field(gt=0)
+
+
+class Continuation(Strict):
+    """The paper's OPD signal: the frozen teacher writes an L-token continuation from each state."""
+
+    cuts: int = Field(gt=0)  # K cut points per rollout
+    cut_rule: Literal["uniform", "stride"]  # uniform: K positions drawn in [0, len]; stride: evenly spaced
+    length: int | Literal["full"]  # L tokens (1 = one step; "full" = until a stop string / EOS)
+    temperature: float = Field(ge=0)  # teacher's sampling temperature (0 = greedy)
+
+
+class KL(Strict):
+    direction: Literal["forward", "reverse"]  # forward = KL(teacher||student), reverse = KL(student||teacher)
+    estimator: Literal["full", "sampled"]  # full vocabulary, or the sampled-token (single-sample) estimator
+
+
+class Opd(Optim):
+    signal: Literal["continuation", "one_step_kl", "token_kl"]
+    states: Literal["student", "teacher"]  # teacher = the offline SeqKD control (teacher's own rollouts)
+    init: Literal["base"]  # student/policy init (the paper's natural reading; adapters stack on models/base)
+    steps: int = Field(gt=0)
+    prompts_per_step: int = Field(gt=0)
+    rollout: Sampling
+    continuation: Continuation
+    kl: KL
+
+
+class Rl(Optim):
+    init: Literal["base"]  # student/policy init (the paper's natural reading; adapters stack on models/base)
+    steps: int = Field(gt=0)
+    prompts_per_step: int = Field(gt=0)
+    group_size: int = Field(gt=1)  # G samples per prompt
+    rollout: Sampling
+    std_norm: bool  # GRPO: divide advantages by the group std (False = mean baseline only, Dr.GRPO-style)
+    kl_coef: float = Field(ge=0)  # KL to the initial policy (k3 estimator); 0 = no penalty
+    clip_eps: float = Field(gt=0)  # PPO clip, active when a batch is reused (inner_steps > 1)
+    inner_steps: int = Field(gt=0)
+
+
+class TeacherParams(Strict):
+    source: Literal["stress", "mild"]  # which SFT run the `teacher` artifact is (paper: the stress run)
+
+
+class Drift(Strict):
+    """State-drift diagnostics (report's MMD, hidden MMD, forward KL, training-state locality)."""
+
+    prompts: int = Field(gt=1)  # fixed prompt set: the first N GSM8K test questions
+    cuts: int = Field(gt=0)  # prefix states per rollout
+    rollout: Sampling
+    ngram_max: int = Field(ge=1)
+    hash_dim: int = Field(gt=0)
+    unbiased: bool
+    locality_states: int = Field(gt=0)  # training states scored for locality
+
+
+class EvalSection(Strict):
+    harness: EvalParams
+    drift: Drift
+    batch_size: int = Field(gt=0)  # diagnostics batch size
+
+
+class ReportParams(Strict):
+    rules: ReportRules
+    paper_rows: bool  # print the paper's Table 2 beside ours
+
+
+# --------------------------------------------------------------------------- loading
+
+SECTIONS: dict[str, type[Strict]] = {
+    "prepare": PrepareParams,
+    "base": BaseParams,
+    "sft": Sft,
+    "teacher": TeacherParams,
+    "opd": Opd,
+    "rl": Rl,
+    "eval": EvalSection,
+    "report": ReportParams,
+}
+VARIANTS: dict[str, tuple[str, ...]] = {"sft": ("mild", "stress"), "opd": ("stress", "mild", "seqkd")}
+TOP_LEVEL = {"profile", "seeds", *SECTIONS}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format(err: ValidationError, where: str, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if p not in ("function-after",))
+        bad = e.get("input")
+        shown = "<missing>" if e["type"] == "missing" else repr(bad)
+        lines.append(f"{where}.{path} = {shown}: {e['msg']}" if path else f"{where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from e
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
+    return raw
+
+
+def seeds(raw: dict[str, Any], path: Path = PARAMS_FILE) -> list[int]:
+    value = raw.get("seeds")
+    if not (isinstance(value, list) and value and all(isinstance(s, int) and s >= 0 for s in value)):
+        raise ParamsError(f"{path}: seeds = {value!r}: expected a non-empty list of non-negative integers")
+    if len(set(value)) != len(value):
+        raise ParamsError(f"{path}: seeds = {value!r}: duplicate seeds")
+    return list(value)
+
+
+def load_section(section: str, variant: str | None = None, path: Path = PARAMS_FILE) -> Any:
+    """Validate and return one section (with a variant's overrides merged in) as a frozen model."""
+    raw = read_params(path)
+    if section not in SECTIONS:
+        raise ParamsError(f"unknown section {section!r}; known: {sorted(SECTIONS)}")
+    if section not in raw or not isinstance(raw[section], dict):
+        raise ParamsError(f"{path}: section {section!r} missing or not a mapping")
+    body = dict(raw[section])
+    variants = VARIANTS.get(section, ())
+    blocks = {v: body.pop(v, None) for v in variants}
+    for v, block in blocks.items():
+        if block is None:
+            raise ParamsError(f"{path}: {section}.{v} missing (use {{}} for no overrides)")
+        if not isinstance(block, dict):
+            raise ParamsError(f"{path}: {section}.{v} = {block!r}: expected a mapping of overrides")
+    if variant is not None and variant not in variants:
+        raise ParamsError(f"unknown variant {section}@{variant!r}; known: {list(variants)}")
+    where = f"{path}: {section}"
+    if variant is not None:
+        body = _deep_merge(body, blocks[variant])
+        where = f"{path}: {section}.{variant}(merged)"
+    try:
+        return SECTIONS[section].model_validate(body)
+    except ValidationError as e:
+        raise ParamsError(_format(e, where, body)) from None
+
+
+def resolve_all(path: Path = PARAMS_FILE) -> dict[str, dict[str, Any]]:
+    """Every stage's effective params, keyed `section` or `section-variant`; validates the whole file."""
+    raw = read_params(path)
+    out: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    run_seeds = None
+    try:
+        run_seeds = seeds(raw, path)
+    except ParamsError as e:
+        errors.append(str(e))
+    for section in SECTIONS:
+        for variant in VARIANTS.get(section, (None,)):
+            key = section if variant is None else f"{section}-{variant}"
+            try:
+                out[key] = load_section(section, variant, path).model_dump(mode="json")
+            except ParamsError as e:
+                errors.append(str(e))
+    if errors:
+        raise ParamsError("\n".join(errors))
+    for key in out:
+        if key.split("-")[0] in {"sft", "opd", "rl", "teacher", "eval", "report"}:
+            out[key] = {"seeds": run_seeds, **out[key]}
+    out["profile"] = {"profile": raw.get("profile")}
+    return out
+
+
+def write_resolved(resolved: dict[str, dict[str, Any]], out_dir: Path = RESOLVED_DIR) -> None:
+    """Write resolved/<key>.json atomically (only files whose content changed are touched)."""
+    from poststate.artifacts import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, body in resolved.items():
+        text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+        target = out_dir / f"{key}.json"
+        if not target.exists() or target.read_text() != text:
+            atomic_write_text(target, text)

@@ -1,0 +1,225 @@
+"""Batched sampling with a KV cache: prompts in, completions (tokens, text, log-probs) out.
+
+`RolloutEngine` is the interface every caller uses (OPD state sources, RL, GSM8K evaluation);
+`HFRolloutEngine` implements it with `model.generate` over left-padded batches. A vLLM backend can
+implement the same `generate(prompt_ids, params, seed) -> Rollouts` without changing callers.
+
+A completion ends at the model's EOS (kept, so that training on it teaches stopping), at the earliest
+stop string (cut before it), or at `max_new_tokens` (then `finished` is False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+SEED_STRIDE = 1_000_003  # batch b of a call with seed s is sampled under torch.manual_seed(s * SEED_STRIDE + b)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0.0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # stop strings; the model's EOS always stops
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"SamplingParams.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0.0 and self.top_p != 1.0:
+            raise ValueError(f"SamplingParams.top_p={self.top_p} has no effect with temperature 0 (greedy)")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # generated tokens, cut before a stop string; the EOS token is kept if emitted
+    texts: list[str]  # decoded completion (EOS not rendered), cut at the earliest stop string
+    logprobs: list[list[float]]  # sampling log-prob of each kept completion token (see HFRolloutEngine)
+    finished: list[bool]  # stopped by EOS or a stop string (not by max_new_tokens)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int) -> Rollouts: ...
+
+
+class _ChosenTokenLogprobs(LogitsProcessor):
+    """Last logits processor of a `generate` call: records log_softmax(scores)[chosen token] per step.
+
+    At step t it sees the final (processed) scores the sampler draws from; the token chosen at step t
+    is only known at step t+1 (as `input_ids[:, -1]`), so one (B, V) distribution is held back. This
+    keeps memory at O(B * V) instead of `output_scores`' O(B * V * max_new_tokens).
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # each (B,)
+        self._pending_BV: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pending_BV is not None:
+            self.steps.append(self._pending_BV.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._pending_BV = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def per_token(self, generated_BN: torch.Tensor) -> torch.Tensor:
+        """(B, N) log-probs of the N generated tokens; generate may have run (and undone) extra steps."""
+        n = generated_BN.shape[1]
+        steps = list(self.steps)
+        if len(steps) < n and self._pending_BV is not None:
+            steps.append(self._pending_BV.gather(-1, generated_BN[:, len(steps) : len(steps) + 1]).squeeze(-1))
+        if len(steps) < n:
+            raise RuntimeError(f"recorded {len(steps)} sampling steps for {n} generated tokens")
+        return torch.stack(steps[:n], dim=1) if n else generated_BN.new_zeros((generated_BN.shape[0], 0), dtype=torch.float)
+
+
+def _earliest_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest occurrence of any stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def cut_completion(
+    generated: Sequence[int], tokenizer, stops: Sequence[str], eos_id: int, pad_id: int
+) -> tuple[list[int], str, bool]:
+    """(kept token ids, text, finished) for one row of generated ids (pad-filled after the row stopped).
+
+    The row ends at its first EOS. If the decoded text before it contains a stop string, the text is
+    cut at the earliest one and the ids at the shortest prefix whose decoding starts with that text
+    (the stop string's own tokens are dropped; a token straddling the boundary is kept). Otherwise an
+    emitted EOS is kept as the last id. With pad != EOS, trailing pads (a row that stopped while its
+    batch went on) are stripped.
+    """
+    ids = list(generated)
+    ended_by_eos = eos_id in ids
+    body = ids[: ids.index(eos_id)] if ended_by_eos else ids
+    if not ended_by_eos and pad_id != eos_id:
+        while body and body[-1] == pad_id:
+            body.pop()
+    text = _decode(tokenizer, body)
+    cut = _earliest_stop(text, stops)
+    if cut is not None:
+        target = text[:cut]
+        k = next(k for k in range(len(body) + 1) if _decode(tokenizer, body[:k]).startswith(target))
+        return body[:k], target, True
+    if ended_by_eos:
+        return body + [eos_id], text, True
+    return body, text, False
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BT, attention_mask_BT) with every prompt right-aligned at T = the longest prompt."""
+    T = max(len(p) for p in prompts)
+    ids_BT = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids_BT[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask_BT[i, T - len(p) :] = 1
+    return ids_BT.to(device), mask_BT.to(device)
+
+
+class HFRolloutEngine:
+    """`RolloutEngine` on a Hugging Face causal LM (optionally peft-wrapped) with `model.generate`.
+
+    Sampling (temperature > 0): generate runs with do_sample=True and neutral built-in warpers
+    (temperature 1, top_p 1, top_k 0 - transformers' default top_k=50 would otherwise truncate), and
+    our own processors [Temperature, TopP, recorder] so that the recorded log-prob of each token is
+    under exactly the processed distribution it was drawn from. Greedy (temperature 0): argmax of the
+    raw logits; the log-probs are the raw model log_softmax.
+    Seeding: torch.manual_seed(seed * SEED_STRIDE + batch_index) right before each batch's generate,
+    so a sampled result depends on (seed, batch_size); a greedy one on neither.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"tokenizer needs pad and eos tokens, got pad={tokenizer.pad_token!r} eos={tokenizer.eos_token!r}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int) -> Rollouts:
+        prompts = [list(p) for p in prompt_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max((len(p) for p in prompts), default=0)
+        if max_pos is not None and longest + params.max_new_tokens > max_pos:
+            raise ValueError(
+                f"longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's max_position_embeddings ({max_pos})"
+            )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rows: list[tuple[list[int], str, list[float], bool]] = []
+            for b, start in enumerate(range(0, len(prompts), self.batch_size)):
+                rows += self._generate_batch(prompts[start : start + self.batch_size], params, seed * SEED_STRIDE + b)
+        finally:
+            self.model.train(was_training)
+        return Rollouts(
+            prompt_ids=prompts,
+            completion_ids=[r[0] for r in rows],
+            texts=[r[1] for r in rows],
+            logprobs=[r[2] for r in rows],
+            finished=[r[3] for r in rows],
+        )
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, batch_seed: int
+    ) -> list[tuple[list[int], str, list[float], bool]]:
+        tok = self.tokenizer
+        pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+        device = next(self.model.parameters()).device
+        ids_BT, mask_BT = _left_pad(prompts, pad_id, device)
+        recorder = _ChosenTokenLogprobs()
+        sample = params.temperature > 0
+        processors: list[LogitsProcessor] = []
+        kwargs: dict = {}
+        if sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)  # neutral: our processors above do the warping
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        torch.manual_seed(batch_seed)
+        seq_BS = self.model.generate(
+            input_ids=ids_BT,
+            attention_mask=mask_BT,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            use_cache=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            logits_processor=LogitsProcessorList([*processors, recorder]),
+            **kwargs,
+        )
+        gen_BN = seq_BS[:, ids_BT.shape[1] :]
+        logp_BN = recorder.per_token(gen_BN).cpu()
+        out = []
+        for i, row in enumerate(gen_BN.cpu().tolist()):
+            kept, text, finished = cut_completion(row, tok, params.stop, eos_id, pad_id)
+            out.append((kept, text, logp_BN[i, : len(kept)].tolist(), finished))
+        return out

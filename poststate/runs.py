@@ -1,0 +1,97 @@
+"""What every training stage does around the loop: fixed paths, seeds, DVCLive curves, saving a run
+with its lineage atomically."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poststate.artifacts import atomic_dir, atomic_write_json, lineage
+from poststate.loop import TrainResult
+
+DATA = Path("data/prepared")
+MODELS = Path("models")
+TRAIN_LOGS = Path("metrics/train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_dir(run: str, seed: int | None) -> Path:
+    return MODELS / run if seed is None else MODELS / run / f"s{seed}"
+
+
+def live(run: str, seed: int):
+    """DVCLive logger for one run and seed; `dvcyaml=False` so it never rewrites dvc.yaml (the curves
+    are declared there as plots), no Studio, no git commits of its own."""
+    from dvclive import Live
+
+    return Live(
+        dir=str(TRAIN_LOGS / run / f"s{seed}"),
+        dvcyaml=False,
+        save_dvc_exp=False,
+        report=None,
+        monitor_system=False,
+    )
+
+
+def log_step(logger, step: int, metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        logger.log_metric(key, value, plot=True)
+    logger.next_step()
+
+
+def save_run(
+    model,
+    tokenizer,
+    out: Path,
+    *,
+    kind: str,
+    params: dict[str, Any],
+    seed: int | None,
+    parents: dict[str, Path],
+    data: dict[str, Path],
+    result: TrainResult | None = None,
+    extra: dict[str, Any] | None = None,
+    merge: bool = False,
+) -> None:
+    """Save a model dir that loads in one standard call (LoRA adapters stay adapters unless `merge`),
+    its tokenizer, `lineage.json`, and the sample of training states, atomically."""
+    with atomic_dir(out) as tmp:
+        to_save = model.merge_and_unload() if merge and hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info: dict[str, Any] = dict(extra or {})
+        if result is not None:
+            info["training"] = {
+                "steps": result.steps,
+                "states": result.states,
+                "tokens": result.tokens,
+                "seconds": round(result.seconds, 1),
+            }
+            write_jsonl(tmp / "train_states.jsonl", result.sample)
+        atomic_write_json(tmp / "lineage.json", lineage(kind=kind, params=params, seed=seed, parents=parents, data=data, extra=info))

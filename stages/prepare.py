@@ -1,0 +1,75 @@
+"""Prepare the benchmark data (and, for the tiny profile, the pretraining corpus).
+
+tiny  (prepare.source=synthetic): generate the seeded synthetic world in the Hub schemas.
+paper (prepare.source=hub):       load openai/gsm8k, truthfulqa/truthful_qa, cais/mmlu at pinned
+                                  revisions from the Hub, or from prepare.hub.local_dir.
+
+    python stages/prepare.py            # writes data/prepared/
+"""
+
+import random
+from pathlib import Path
+
+import typer
+
+from poststate.artifacts import atomic_dir, atomic_write_json, file_sha256
+from poststate.params import HubData, load_section
+from poststate.runs import DATA, write_jsonl
+
+
+def write_hub(p: HubData, seed: int, out: Path) -> dict:
+    from poststate.benchmarks import load_rows, select_mmlu, validate_rows
+
+    local = Path(p.local_dir) if p.local_dir else None
+    train = load_rows(p.gsm8k_train, local, "gsm8k/train.jsonl")
+    test = load_rows(p.gsm8k_test, local, "gsm8k/test.jsonl")
+    tqa = load_rows(p.truthfulqa, local, "truthfulqa/multiple_choice.jsonl")
+    dev = load_rows(p.mmlu_dev, local, "mmlu/dev.jsonl")
+    mmlu = load_rows(p.mmlu_test, local, "mmlu/test.jsonl")
+    for rows, schema, where in [(train, "gsm8k", "gsm8k train"), (test, "gsm8k", "gsm8k test"),
+                                (tqa, "truthfulqa_mc", "truthfulqa"), (dev, "mmlu", "mmlu dev"), (mmlu, "mmlu", "mmlu test")]:
+        validate_rows(rows, schema, where)
+    # Held-out prompt set for OPD/RL from GSM8K train (seeded); SFT gets the rest. Few-shot pool = train,
+    # as in the harness (its shots come from the train split).
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    prompts = [train[i] for i in order[: p.prompts_size]]
+    sft = [train[i] for i in order[p.prompts_size :]][: p.sft_size]
+    splits = {
+        "gsm8k/sft.jsonl": sft,
+        "gsm8k/prompts.jsonl": prompts,
+        "gsm8k/fewshot.jsonl": train,
+        "gsm8k/test.jsonl": test[: p.gsm8k_test_limit],
+        "truthfulqa/mc.jsonl": tqa[: p.truthfulqa_limit],
+        "mmlu/dev.jsonl": select_mmlu(dev, p.mmlu_subjects, None),
+        "mmlu/test.jsonl": select_mmlu(mmlu, p.mmlu_subjects, p.mmlu_per_subject),
+    }
+    for name, rows in splits.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / name, rows)
+    return {"source": "hub", "datasets": p.model_dump(mode="json")}
+
+
+def write_synthetic(p, out: Path) -> dict:
+    from poststate.world import generate_world, write_world
+
+    world = generate_world(p)
+    write_world(world, out)
+    return {"source": "synthetic", "world": p.model_dump(mode="json")}
+
+
+def main() -> None:
+    p = load_section("prepare")
+    with atomic_dir(DATA) as tmp:
+        info = write_synthetic(p.world, tmp) if p.source == "synthetic" else write_hub(p.hub, p.seed, tmp)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        info["files"] = {
+            f.relative_to(tmp).as_posix(): {"sha256": file_sha256(f), "rows": sum(1 for _ in open(f)) if f.suffix == ".jsonl" else None}
+            for f in files
+        }
+        atomic_write_json(tmp / "manifest.json", info)
+    typer.echo("\n".join(f"{k}: {v['rows']} rows" for k, v in info["files"].items() if v["rows"] is not None))
+
+
+if __name__ == "__main__":
+    typer.run(main)

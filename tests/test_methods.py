@@ -1,0 +1,180 @@
+"""States, signals and the one loop: masks, cut points, and a 2-step smoke run per method."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from poststate import methods
+from poststate.loop import NonFiniteLoss, train
+from poststate.methods import States
+from poststate.modeling import with_adapter
+from poststate.params import Opd, Rl, Sft
+from tests.conftest import build_tiny_model
+
+ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+    {"question": "She sold 48 clips in April and half as many in May. How many clips?", "answer": "48 / 2 = <<48/2=24>>24, 48 + 24 = <<48+24=72>>72.\n#### 72"},
+]
+OPTIM = dict(lr=1e-2, batch_size=4, grad_accum=1, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_len=160)
+LORA = {"kind": "lora", "r": 4, "alpha": 8}
+ROLLOUT = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0}
+
+
+def opd_params(**over) -> Opd:
+    body = dict(OPTIM, adapter=LORA, signal="continuation", states="student", init="base", steps=2, prompts_per_step=2,
+                rollout=ROLLOUT, continuation={"cuts": 2, "cut_rule": "uniform", "length": 4, "temperature": 0.0},
+                kl={"direction": "reverse", "estimator": "full"})
+    return Opd.model_validate(methods_merge(body, over))
+
+
+def methods_merge(body, over):
+    out = copy.deepcopy(body)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_pad_batch_marks_states_and_left_truncates():
+    ids, attn, st = methods.pad_batch([[1, 2, 3, 4, 5], [6, 7]], [[1, 3], [0]], pad_id=0, max_len=4)
+    assert ids.tolist() == [[2, 3, 4, 5], [6, 7, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert st.tolist() == [[1, 0, 1, 0], [1, 0, 0, 0]]  # position 1 -> 0 and 3 -> 2 after dropping one token
+
+
+@pytest.mark.parametrize("rule,expect", [("stride", [0, 2, 5, 7]), ("uniform", None)])
+def test_cut_points(rule, expect):
+    cuts = methods.cut_points(10, 4, rule, random.Random(0))
+    assert len(cuts) == 4 and all(0 <= c <= 10 for c in cuts) and cuts == sorted(cuts)
+    if expect is not None:
+        assert cuts == expect
+    assert methods.cut_points(10, 4, rule, random.Random(0)) == cuts
+    with pytest.raises(ValueError, match="zigzag"):
+        methods.cut_points(10, 4, "zigzag", random.Random(0))
+
+
+def test_continuation_signal_masks_exactly_the_teacher_tokens(tiny_tokenizer):
+    teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5)
+    states = States("learner", [[5, 6, 7], [8, 9]], [[10, 11], []], ROWS, [0, 1], all_prefixes=False)
+    p = opd_params().continuation
+    signal = methods.TeacherContinuation(teacher, tiny_tokenizer, p, max_len=64, batch_size=2, seed=0, max_new_tokens=12)
+    sup = signal.supervise(states, teacher)
+    for b, (x, y) in enumerate(zip(states.prompt_ids, states.prefix_ids)):
+        n = int(sup.attn_BT[b].sum())
+        cont = sup.ids_BT[b, len(x) + len(y) : n].tolist()
+        assert 1 <= len(cont) <= 4
+        marked = sup.state_BT[b].nonzero().flatten().tolist()
+        # the marked states are exactly those whose next token is a teacher token
+        assert marked == list(range(len(x) + len(y) - 1, n - 1))
+        assert sup.ids_BT[b, : len(x) + len(y)].tolist() == x + y
+
+
+def test_gold_tokens_mark_every_answer_token(tiny_tokenizer):
+    src = methods.DatasetStates(ROWS, tiny_tokenizer, batch_size=2, seed=0)
+    st = src.draw(None)
+    sup = methods.GoldTokens(tiny_tokenizer, max_len=256).supervise(st, None)
+    for b, (x, y) in enumerate(zip(st.prompt_ids, st.prefix_ids)):
+        marked = sup.state_BT[b].nonzero().flatten()
+        assert marked.tolist() == list(range(len(x) - 1, len(x) + len(y) - 1))
+        assert sup.ids_BT[b, marked + 1].tolist() == y  # targets are the gold tokens (+EOS), no prompt token
+        assert y[-1] == tiny_tokenizer.eos_token_id
+
+
+def _changed(before, model) -> bool:
+    after = {k: v for k, v in model.state_dict().items()}
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _smoke(model, method, p, steps=2):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, method, p, steps, progress=False)
+    assert result.steps == steps and result.states > 0
+    assert torch.isfinite(torch.tensor(result.last["loss"]))
+    assert _changed(before, model)
+    return result
+
+
+@pytest.mark.parametrize("adapter", [LORA, {"kind": "full"}])
+def test_sft_smoke_lora_and_full(tiny_tokenizer, adapter):
+    p = Sft.model_validate(dict(OPTIM, adapter=adapter, epochs=1))
+    model = with_adapter(build_tiny_model(tiny_tokenizer), p.adapter)
+    trainable = [n for n, q in model.named_parameters() if q.requires_grad]
+    if adapter["kind"] == "lora":
+        assert trainable and all("lora_" in n for n in trainable)
+    else:
+        assert len(trainable) == len(list(model.parameters()))
+    _smoke(model, methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0), p)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},  # the paper's continuation signal
+        {"signal": "one_step_kl", "kl": {"direction": "forward"}},
+        {"signal": "token_kl"},
+        {"signal": "token_kl", "kl": {"estimator": "sampled"}},
+        {"states": "teacher"},  # offline SeqKD control
+    ],
+    ids=["continuation", "one_step_kl", "token_kl_full", "token_kl_sampled", "seqkd"],
+)
+def test_opd_smoke_each_signal(tiny_tokenizer, over):
+    p = opd_params(**over)
+    teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5).requires_grad_(False)
+    student = with_adapter(build_tiny_model(tiny_tokenizer, seed=0), p.adapter)
+    method = methods.opd_method("opd", ROWS, tiny_tokenizer, teacher, p, seed=0)
+    assert method.source.origin == ("teacher" if over.get("states") == "teacher" else "learner")
+    result = _smoke(student, method, p)
+    assert all(s["origin"] == method.source.origin for s in result.sample)
+
+
+def test_opd_sampled_forward_kl_is_rejected(tiny_tokenizer):
+    p = opd_params(signal="token_kl", kl={"direction": "forward", "estimator": "sampled"})
+    with pytest.raises(ValueError, match="reverse"):
+        methods.opd_method("opd", ROWS, tiny_tokenizer, build_tiny_model(tiny_tokenizer), p, seed=0)
+
+
+def rl_params(**over) -> Rl:
+    body = dict(OPTIM, adapter=LORA, init="base", steps=2, prompts_per_step=2, group_size=4, rollout=ROLLOUT,
+                std_norm=True, kl_coef=0.1, clip_eps=0.2, inner_steps=1)
+    return Rl.model_validate({**body, **over})
+
+
+@pytest.mark.parametrize("inner", [1, 2])
+def test_rl_smoke(tiny_tokenizer, inner):
+    p = rl_params(inner_steps=inner)
+    # reward 1 for even-length answers: a signal with spread on a random model
+    policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), p.adapter)
+    method = methods.rl_method("rl", ROWS, tiny_tokenizer, p, seed=0)
+    method.signal.reward_fn = lambda text, answer: float(len(text) % 2 == 0)
+    result = _smoke(policy, method, p)
+    assert "reward_mean" in result.last and "kl_ref" in result.last and "entropy" in result.last
+    assert method.source.calls == (2 if inner == 1 else 1)  # a reused batch is drawn once
+
+
+def test_rl_reward_is_the_eval_scorer(tiny_tokenizer):
+    from poststate import scoring
+
+    assert methods.Reward(tiny_tokenizer, 64, True, 0.0).reward_fn is scoring.gsm8k_reward
+    for text, ok in [(" so 3 + 4 = 7.\n#### 7", 1.0), (" #### 8", 0.0), (" the answer is 7", 0.0)]:
+        assert scoring.gsm8k_reward(text, ROWS[0]["answer"]) == ok == float(scoring.gsm8k_score(text, ROWS[0]["answer"]).strict)
+
+
+def test_rollout_states_reproducible_under_seed(tiny_tokenizer):
+    p = rl_params()
+    model = build_tiny_model(tiny_tokenizer, init_std=0.5)
+    draw = lambda: methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4).draw(model)
+    a, b = draw(), draw()
+    assert a.prefix_ids == b.prefix_ids and len(a.prefix_ids) == 6
+    other = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 8, 4).draw(model)
+    assert other.prefix_ids != a.prefix_ids
+
+
+def test_loop_stops_on_nan_loss(tiny_tokenizer):
+    p = Sft.model_validate(dict(OPTIM, adapter={"kind": "full"}, epochs=1))
+    model = build_tiny_model(tiny_tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    method = methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0)
+    with pytest.raises(NonFiniteLoss, match="step 0"):
+        train(model, method, p, 2, progress=False)

@@ -1,0 +1,216 @@
+"""Rollout engine: cutting rules, greedy exactness and batch invariance, seeded sampling, log-probs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from poststate.rollout import HFRolloutEngine, SamplingParams, cut_completion
+
+PROMPTS = ["Question: Tom has", "A", "The following are multiple choice questions", "She sold 48 clips in April"]
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tiny_tokenizer):
+    # init_std 0.3: varied, peaked next-token distributions (the default init is nearly uniform)
+    return build_tiny_model(tiny_tokenizer, seed=0, init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_tokenizer):
+    ids = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in ids}) == len(ids)  # different lengths, so left padding is exercised
+    return ids
+
+
+def _enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- cut_completion (pure)
+
+
+def test_sampling_params_reject_bad_values():
+    for kwargs in (
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=4, temperature=-0.1),
+        dict(max_new_tokens=4, top_p=0.0),
+        dict(max_new_tokens=4, top_p=1.5),
+        dict(max_new_tokens=4, temperature=0.0, top_p=0.9),
+        dict(max_new_tokens=4, stop=("",)),
+        dict(max_new_tokens=4, stop=["Question:"]),
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**kwargs)
+
+
+def test_cut_keeps_eos_and_strips_trailing_pads(tiny_tokenizer_with_pad):
+    tok = tiny_tokenizer_with_pad
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert eos != pad
+    body = _enc(tok, " has has")
+    assert cut_completion(body + [eos, pad, pad], tok, (), eos, pad) == (body + [eos], " has has", True)
+    # a row that stopped (or ran out) while its batch went on: trailing pads are not part of it
+    assert cut_completion(body + [pad, pad], tok, (), eos, pad) == (body, " has has", False)
+    assert cut_completion(body, tok, (), eos, pad) == (body, " has has", False)
+
+
+def test_cut_at_earliest_stop_string(tiny_tokenizer_with_pad):
+    tok = tiny_tokenizer_with_pad
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    stops = ("Question:", "</s>")
+    head = _enc(tok, "7 apples.\n")
+    ids = _enc(tok, "7 apples.\nQuestion: What")
+    assert ids[: len(head)] == head and len(ids) > len(head)
+    assert cut_completion(ids + [pad], tok, stops, eos, pad) == (head, "7 apples.\n", True)
+    # the earliest of two stop strings wins, whichever is listed first
+    ids2 = _enc(tok, "a</s>b Question:")
+    kept, text, finished = cut_completion(ids2, tok, stops, eos, pad)
+    assert (text, finished) == ("a", True) and tok.decode(kept) == "a"
+    # a stop string before the EOS: cut there, EOS not kept
+    kept, text, finished = cut_completion(ids + [eos], tok, stops, eos, pad)
+    assert (kept, text, finished) == (head, "7 apples.\n", True)
+    # a stop string at the very start leaves an empty completion
+    assert cut_completion(_enc(tok, "Question: x"), tok, stops, eos, pad) == ([], "", True)
+
+
+def test_cut_keeps_a_token_that_straddles_the_stop_string(tiny_tokenizer_with_pad):
+    tok = tiny_tokenizer_with_pad
+    ids = _enc(tok, " has has")
+    assert tok.convert_ids_to_tokens(ids) == ["Ġhas", "Ġhas"]
+    # stop "s h" starts inside the first " has": text is cut before it, the token covering " ha" stays
+    assert cut_completion(ids, tok, ("s h",), tok.eos_token_id, tok.pad_token_id) == (ids[:1], " ha", True)
+
+
+def test_cut_when_pad_is_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos  # the Qwen3-Base convention
+    body = _enc(tok, "Answer: 7")
+    assert cut_completion(body + [eos, eos, eos], tok, (), eos, eos) == (body + [eos], "Answer: 7", True)
+    # stopped by a stop string, then pad (= EOS) filled: the pads are not an emitted EOS
+    head = _enc(tok, " 7\n\n")
+    ids = _enc(tok, " 7\n\nQuestion:")
+    assert ids[: len(head)] == head
+    assert cut_completion(ids + [eos, eos], tok, ("Question:",), eos, eos) == (head, " 7\n\n", True)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _forward_logits(model, prompt, completion):
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([prompt + completion])).logits[0].float()
+    return logits_TV[len(prompt) - 1 : len(prompt) - 1 + len(completion)]  # rows predicting each completion token
+
+
+def test_greedy_logprobs_equal_a_full_forward(peaked_model, tiny_tokenizer, prompt_ids):
+    out = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(24, 0.0), seed=0)
+    for prompt, comp, lp in zip(prompt_ids, out.completion_ids, out.logprobs, strict=True):
+        assert len(comp) == len(lp) == 24
+        logp_NV = torch.log_softmax(_forward_logits(peaked_model, prompt, comp), dim=-1)
+        assert comp == logp_NV.argmax(-1).tolist()  # greedy: each token is the argmax of the full forward
+        ref = logp_NV.gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=0)
+    assert out.prompt_ids == prompt_ids and out.finished == [False] * 4
+    assert out.texts == [tiny_tokenizer.decode(c) for c in out.completion_ids]
+
+
+def test_greedy_does_not_depend_on_batch_size(peaked_model, tiny_tokenizer, prompt_ids):
+    # Observed in fp32 on CPU: identical tokens and texts; log-probs agree to ~5e-7 (left padding changes
+    # the matmul shapes, not the math). A near-tie in the logits could flip an argmax; none occurs here.
+    p = SamplingParams(32, 0.0)
+    one = HFRolloutEngine(peaked_model, tiny_tokenizer, 1).generate(prompt_ids, p, seed=0)
+    four = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, p, seed=0)
+    three = HFRolloutEngine(peaked_model, tiny_tokenizer, 3).generate(prompt_ids, p, seed=5)
+    assert one.completion_ids == four.completion_ids == three.completion_ids
+    assert one.texts == four.texts == three.texts
+    assert len(set(map(tuple, one.completion_ids))) == 4  # the rows differ, so the check has teeth
+    for a, b in zip(one.logprobs, four.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+def test_sampling_is_seeded_and_logprobs_are_under_the_processed_distribution(
+    peaked_model, tiny_tokenizer, prompt_ids
+):
+    p = SamplingParams(20, temperature=0.7, top_p=0.8)
+    engine = HFRolloutEngine(peaked_model, tiny_tokenizer, 2)
+    a = engine.generate(prompt_ids, p, seed=3)
+    torch.rand(10)  # global RNG state in between must not matter
+    b = engine.generate(prompt_ids, p, seed=3)
+    c = engine.generate(prompt_ids, p, seed=4)
+    assert a == b
+    assert a.completion_ids != c.completion_ids
+    for prompt, comp, lp in zip(prompt_ids, a.completion_ids, a.logprobs, strict=True):
+        z_NV = _forward_logits(peaked_model, prompt, comp) / 0.7
+        # top-p by hand: keep a token iff the probability mass strictly above it is < top_p
+        probs_NV = torch.softmax(z_NV, -1)
+        sorted_NV, order_NV = probs_NV.sort(-1, descending=True)
+        above_NV = sorted_NV.cumsum(-1) - sorted_NV
+        keep_NV = torch.zeros_like(probs_NV, dtype=torch.bool).scatter(-1, order_NV, above_NV < 0.8)
+        logp_NV = torch.log_softmax(z_NV.masked_fill(~keep_NV, float("-inf")), -1)
+        ref = logp_NV.gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
+        assert torch.isfinite(ref).all()  # every sampled token was inside the nucleus
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-4, rtol=0)
+        assert (keep_NV.sum(-1) < probs_NV.shape[-1]).any()  # top-p actually removed tokens
+
+
+def test_stop_strings_cut_the_same_greedy_rollout(peaked_model, tiny_tokenizer, prompt_ids):
+    free = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(40, 0.0), seed=0)
+    text0 = free.texts[0]
+    k = next(i for i in range(4, len(text0) - 1) if text0[i : i + 2].isascii() and text0[i : i + 2].isalnum())
+    stop = text0[k : k + 2]
+    cut = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), 0)
+    assert stop not in "".join(cut.texts)
+    assert cut.finished[0]
+    for full_ids, full_text, full_lp, ids, text, lp, fin in zip(
+        free.completion_ids, free.texts, free.logprobs, cut.completion_ids, cut.texts, cut.logprobs, cut.finished,
+        strict=True,
+    ):
+        at = full_text.find(stop)
+        assert text == (full_text if at < 0 else full_text[:at]) and fin == (at >= 0)
+        # the shortest prefix of the uncut rollout whose decoding covers the kept text
+        n = next(n for n in range(len(full_ids) + 1) if tiny_tokenizer.decode(full_ids[:n]).startswith(text))
+        assert ids == full_ids[: (n if at >= 0 else len(full_ids))]
+        assert lp == full_lp[: len(ids)]
+
+
+def test_eos_is_kept_and_ends_the_row(peaked_model, tiny_tokenizer, prompt_ids):
+    free = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(12, 0.0), seed=0)
+    # make the 4th greedy token of row 0 the EOS: the model is unchanged, the tokenizer's EOS is redefined
+    target = free.completion_ids[0][3]
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(target)
+    assert tok.eos_token_id == target and tok.pad_token_id != target
+    out = HFRolloutEngine(peaked_model, tok, 4).generate(prompt_ids, SamplingParams(12, 0.0), seed=0)
+    for full, ids, lp, fin, text in zip(free.completion_ids, out.completion_ids, out.logprobs, out.finished, out.texts):
+        if target in full:
+            e = full.index(target)
+            assert ids == full[: e + 1] and fin and text == tok.decode(full[:e])
+        else:
+            assert ids == full and not fin
+        assert len(lp) == len(ids)
+    assert out.completion_ids[0][-1] == target and len(out.completion_ids[0]) <= 4
+
+
+def test_eval_mode_no_grad_and_mode_restored(peaked_model, tiny_tokenizer, prompt_ids):
+    seen = []
+    handle = peaked_model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_grad_enabled())))
+    peaked_model.train()
+    try:
+        HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(3, 0.0), seed=0)
+        assert peaked_model.training
+    finally:
+        handle.remove()
+        peaked_model.eval()
+    assert seen and set(seen) == {(False, False)}
+
+
+def test_too_long_for_the_model_fails_loudly(peaked_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        HFRolloutEngine(peaked_model, tiny_tokenizer, 2).generate([[5] * 250], SamplingParams(10, 0.0), seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        HFRolloutEngine(peaked_model, tiny_tokenizer, 2).generate([[5], []], SamplingParams(10, 0.0), seed=0)
