@@ -26,22 +26,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from poststate.params import HubDataset
 
 HUB_PROBE_TIMEOUT_S = 5.0  # the connectivity probe's connect/read timeout
 LOCAL_DIR_PARAM = "prepare.hub.local_dir"
-
-
-class HubDataset(BaseModel):
-    """One split of a Hub dataset. The paper profile should pin `revision` to a commit sha (not `main`),
-    so that a rerun reads the same rows; a tag or branch name is accepted but can move."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: str = Field(min_length=1)  # e.g. "openai/gsm8k"
-    name: str = Field(min_length=1)  # config, e.g. "main"
-    split: str = Field(min_length=1)  # e.g. "test"
-    revision: str = Field(min_length=1)  # commit sha (preferred) or tag
 
 
 class HubUnreachableError(ConnectionError):

@@ -10,35 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from poststate import prompts, scoring
+from poststate.params import EvalParams
 from poststate.rollout import HFRolloutEngine, SamplingParams
 from poststate.stats import mean_stderr
-
-Limit = Annotated[int, Field(ge=2)] | None  # first N rows of the eval file; None = all. A stderr needs N >= 2
-
-
-class EvalParams(BaseModel):
-    """Benchmark settings; the comment on each field gives the lm-evaluation-harness value."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    gsm8k_fewshot: int = Field(ge=0)  # harness gsm8k: 5 (first k rows of the few-shot pool)
-    gsm8k_limit: Limit  # harness: None (all 1319 test rows)
-    gsm8k_max_new_tokens: int = Field(gt=0)  # harness: 256 (HFLM max_gen_toks)
-    truthfulqa_preamble: Literal["harness", "world", "none"]  # harness: "harness" (the six-question Q/A preamble)
-    truthfulqa_limit: Limit  # harness: None (all 817 rows)
-    mmlu_style: Literal["letter", "continuation"]  # harness `mmlu`: "letter"; `mmlu_continuation`: "continuation"
-    mmlu_fewshot: int = Field(ge=0)  # harness mmlu yaml: 0; original paper / old Open LLM Leaderboard: 5
-    mmlu_limit: Limit  # harness: None (all 14042 test rows, or the prepared subset)
-    gen_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only; greedy output does not depend on it)
-    ll_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only)
-    max_length: int = Field(gt=0)  # harness HFLM: the model's max_position_embeddings; contexts are left-truncated
-
 
 # --------------------------------------------------------------------------- log-likelihoods
 
@@ -64,7 +43,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], int, bool]:
-    """(input ids, n continuation tokens, truncated), harness-style: inp = (ctx + cont)[-(max_length+1):][:-1]."""
+    """(seq, n continuation tokens, truncated) with seq = (ctx + cont)[-(max_length+1):], harness-style:
+    the model reads seq[:-1] (at most max_length tokens) and is scored on the last n tokens of seq."""
     if len(cont) > max_length:
         raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
     full = ctx + cont
@@ -112,6 +92,9 @@ def _loglikelihoods(
     """(log-likelihood, context was left-truncated) per request; identical requests are scored once."""
     if batch_size <= 0 or max_length <= 0:
         raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and max_length > max_pos:
+        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings ({max_pos})")
     unique = list(dict.fromkeys((c, x) for c, x in requests))
     fitted = [_fit(*encode_pair(tokenizer, c, x), max_length) for c, x in unique]
     order = sorted(range(len(unique)), key=lambda i: -len(fitted[i][0]))  # longest first, like the harness
@@ -121,7 +104,8 @@ def _loglikelihoods(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = _score_batch(model, [fitted[i][0] for i in idx], [fitted[i][1] for i in idx], tokenizer.pad_token_id)
+            seqs, n_conts = [fitted[i][0] for i in idx], [fitted[i][1] for i in idx]
+            batch = _score_batch(model, seqs, n_conts, tokenizer.pad_token_id)
             lls.update(zip(idx, batch, strict=True))
     finally:
         model.train(was_training)
@@ -181,7 +165,9 @@ def eval_gsm8k(model, tokenizer, data_dir: Path, p: EvalParams, seed: int) -> tu
     shots = pool[: p.gsm8k_fewshot]
     budget = p.max_length - p.gsm8k_max_new_tokens
     if budget <= 0:
-        raise ValueError(f"max_length={p.max_length} leaves no room for a prompt before {p.gsm8k_max_new_tokens} new tokens")
+        raise ValueError(
+            f"max_length={p.max_length} leaves no room for a prompt before {p.gsm8k_max_new_tokens} new tokens"
+        )
     prompt_ids = [
         tokenizer(prompts.gsm8k_prompt(r["question"], shots), add_special_tokens=False)["input_ids"] for r in rows
     ]

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from poststate.benchmarks import HubDataset
-from poststate.evaluation import EvalParams
-from poststate.report import ReportRules
 from poststate.world import WorldParams
 
 PARAMS_FILE = Path("params.yaml")
@@ -38,6 +35,20 @@ class ParamsError(ValueError):
 
 
 # --------------------------------------------------------------------------- prepare / base
+
+
+class HubDataset(BaseModel):
+    """One split of a Hub dataset. The paper profile should pin `revision` to a commit sha (not `main`),
+    so that a rerun reads the same rows; a tag or branch name is accepted but can move."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(min_length=1)  # e.g. "openai/gsm8k"
+    name: str = Field(min_length=1)  # config, e.g. "main"
+    split: str = Field(min_length=1)  # e.g. "test"
+    revision: str = Field(min_length=1)  # commit sha (preferred) or tag
+
+
 
 
 class HubData(Strict):
@@ -206,6 +217,68 @@ class Drift(Strict):
     hash_dim: int = Field(gt=0)
     unbiased: bool
     locality_states: int = Field(gt=0)  # training states scored for locality
+
+
+Limit = Annotated[int, Field(ge=2)] | None  # first N rows of the eval file; None = all. A stderr needs N >= 2
+
+
+class EvalParams(BaseModel):
+    """Benchmark settings; the comment on each field gives the lm-evaluation-harness value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gsm8k_fewshot: int = Field(ge=0)  # harness gsm8k: 5 (first k rows of the few-shot pool)
+    gsm8k_limit: Limit  # harness: None (all 1319 test rows)
+    gsm8k_max_new_tokens: int = Field(gt=0)  # harness: 256 (HFLM max_gen_toks)
+    truthfulqa_preamble: Literal["harness", "world", "none"]  # harness: "harness" (the six-question Q/A preamble)
+    truthfulqa_limit: Limit  # harness: None (all 817 rows)
+    mmlu_style: Literal["letter", "continuation"]  # harness `mmlu`: "letter"; `mmlu_continuation`: "continuation"
+    mmlu_fewshot: int = Field(ge=0)  # harness mmlu yaml: 0; original paper / old Open LLM Leaderboard: 5
+    mmlu_limit: Limit  # harness: None (all 14042 test rows, or the prepared subset)
+    gen_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only; greedy output does not depend on it)
+    ll_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only)
+    max_length: int = Field(gt=0)  # harness HFLM: the model's max_position_embeddings; contexts are left-truncated
+
+
+class ReportRules(BaseModel):
+    """Thresholds and metric choices that decide the verdicts. Each verdict is three-valued: a claim
+    "x > t" holds when the whole CI lies above t, fails when the CI lies at or below t, and is
+    inconclusive when the CI straddles t."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    level: float = Field(0.95, gt=0.0, lt=1.0)
+    """Confidence level of every interval in the report."""
+    gsm8k_metric: Literal["gsm8k_strict", "gsm8k_flexible"] = "gsm8k_strict"
+    """Which GSM8K score is the table's GSM8K column (harness strict-match by default)."""
+    truthfulqa_metric: Literal["truthfulqa_mc1", "truthfulqa_mc2"] = "truthfulqa_mc1"
+    """Which TruthfulQA score is the table's TruthfulQA column (and a retention task)."""
+    mmlu_metric: Literal["mmlu_acc"] = "mmlu_acc"
+    """The table's MMLU column (micro-averaged accuracy over the selected subset)."""
+    retention_keep: float = Field(0.97, gt=0.0)
+    """'No forgetting' (F1, F4): mean retention CI lower end >= this; fails when the CI upper end < this."""
+    retention_loss: float = Field(0.90, gt=0.0)
+    """'Forgets' (F2): mean retention CI upper end <= this; fails when the CI lower end > this."""
+    drift_band: float = Field(0.25, gt=0.0)
+    """'Similar drift' (P4): (max - min) / mean of the P4 runs' lexical MMD (means over seeds) <= this."""
+    retention_equivalence: float = Field(0.02, gt=0.0)
+    """'Different retention' (P4) fails when the CI of the largest retention gap among the P4 runs lies
+    entirely below this (the runs retain alike); it holds when that CI excludes 0."""
+
+    @model_validator(mode="after")
+    def _loss_below_keep(self) -> ReportRules:
+        if not self.retention_loss < self.retention_keep:
+            raise ValueError(
+                f"retention_loss={self.retention_loss} must be below retention_keep={self.retention_keep}"
+            )
+        return self
+
+    def metric_for(self, column: str) -> str:
+        """The scores key behind a table column ('gsm8k', 'truthfulqa', 'mmlu')."""
+        table = {"gsm8k": self.gsm8k_metric, "truthfulqa": self.truthfulqa_metric, "mmlu": self.mmlu_metric}
+        if column not in table:
+            raise KeyError(f"unknown table column {column!r}; expected one of {sorted(table)}")
+        return table[column]
 
 
 class EvalSection(Strict):

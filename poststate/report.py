@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poststate.drift import flip_counts
+from poststate.params import ReportRules
 from poststate.stats import binomial_stderr, normal_ci, paired_diff, paired_ratio, t_ci
 
 RUNS: tuple[str, ...] = ("base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "rl")
@@ -43,7 +43,7 @@ RUN_LABELS: dict[str, str] = {
     "opd_stress": "OPD from stress SFT",
     "opd_mild": "OPD from mild SFT",
     "rl": "on-policy RL",
-    "seqkd": "offline SeqKD (control)",
+    "opd_seqkd": "offline SeqKD (control: teacher states)",
 }
 COLUMNS: tuple[str, ...] = ("gsm8k", "truthfulqa", "mmlu")
 RETENTION_COLUMNS: tuple[str, ...] = ("truthfulqa", "mmlu")
@@ -83,47 +83,6 @@ _PAPER_VALUES: dict[str, tuple[float | None, ...]] = {
 PAPER_TABLE2: dict[str, dict[str, float | None]] = {
     run: dict(zip(_PAPER_KEYS, values)) for run, values in _PAPER_VALUES.items()
 }
-
-
-class ReportRules(BaseModel):
-    """Thresholds and metric choices that decide the verdicts. Each verdict is three-valued: a claim
-    "x > t" holds when the whole CI lies above t, fails when the CI lies at or below t, and is
-    inconclusive when the CI straddles t."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
-
-    level: float = Field(0.95, gt=0.0, lt=1.0)
-    """Confidence level of every interval in the report."""
-    gsm8k_metric: Literal["gsm8k_strict", "gsm8k_flexible"] = "gsm8k_strict"
-    """Which GSM8K score is the table's GSM8K column (harness strict-match by default)."""
-    truthfulqa_metric: Literal["truthfulqa_mc1", "truthfulqa_mc2"] = "truthfulqa_mc1"
-    """Which TruthfulQA score is the table's TruthfulQA column (and a retention task)."""
-    mmlu_metric: Literal["mmlu_acc"] = "mmlu_acc"
-    """The table's MMLU column (micro-averaged accuracy over the selected subset)."""
-    retention_keep: float = Field(0.97, gt=0.0)
-    """'No forgetting' (F1, F4): mean retention CI lower end >= this; fails when the CI upper end < this."""
-    retention_loss: float = Field(0.90, gt=0.0)
-    """'Forgets' (F2): mean retention CI upper end <= this; fails when the CI lower end > this."""
-    drift_band: float = Field(0.25, gt=0.0)
-    """'Similar drift' (P4): (max - min) / mean of the P4 runs' lexical MMD (means over seeds) <= this."""
-    retention_equivalence: float = Field(0.02, gt=0.0)
-    """'Different retention' (P4) fails when the CI of the largest retention gap among the P4 runs lies
-    entirely below this (the runs retain alike); it holds when that CI excludes 0."""
-
-    @model_validator(mode="after")
-    def _loss_below_keep(self) -> ReportRules:
-        if not self.retention_loss < self.retention_keep:
-            raise ValueError(
-                f"retention_loss={self.retention_loss} must be below retention_keep={self.retention_keep}"
-            )
-        return self
-
-    def metric_for(self, column: str) -> str:
-        """The scores key behind a table column ('gsm8k', 'truthfulqa', 'mmlu')."""
-        table = {"gsm8k": self.gsm8k_metric, "truthfulqa": self.truthfulqa_metric, "mmlu": self.mmlu_metric}
-        if column not in table:
-            raise KeyError(f"unknown table column {column!r}; expected one of {sorted(table)}")
-        return table[column]
 
 
 # ---------------------------------------------------------------- the paper's formulas
@@ -758,3 +717,26 @@ def plot_drift_vs_forgetting(report: Mapping[str, Any], path) -> None:
     xlabel = "state drift: lexical MMD to base rollouts (mmd_lexical)"
     ylabel = "mean forgetting (TruthfulQA, MMLU)"
     _scatter_png(points, xlabel, ylabel, "Drift vs forgetting", path, [("h", 0.0, "")])
+
+
+def plot_training_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path) -> None:
+    """PNG: the training loss of every method (seed 0) against its step, one panel per method, and the RL
+    reward; `curves[run][metric]` is the per-step series logged by DVCLive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in curves if curves[r].get("loss")]
+    fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(2.6 * max(len(runs), 1), 2.4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        ax.plot(curves[run]["loss"], lw=1, label="loss")
+        if curves[run].get("reward_mean"):
+            ax.plot(curves[run]["reward_mean"], lw=1, label="reward")
+            ax.legend(fontsize=6)
+        ax.set_title(RUN_LABELS.get(run, run), fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)

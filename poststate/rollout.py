@@ -79,7 +79,9 @@ class _ChosenTokenLogprobs(LogitsProcessor):
             steps.append(self._pending_BV.gather(-1, generated_BN[:, len(steps) : len(steps) + 1]).squeeze(-1))
         if len(steps) < n:
             raise RuntimeError(f"recorded {len(steps)} sampling steps for {n} generated tokens")
-        return torch.stack(steps[:n], dim=1) if n else generated_BN.new_zeros((generated_BN.shape[0], 0), dtype=torch.float)
+        if n == 0:
+            return torch.zeros((generated_BN.shape[0], 0))
+        return torch.stack(steps[:n], dim=1)
 
 
 def _earliest_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -654,10 +654,14 @@ def _mmlu(p: WorldParams, facts: dict[str, list[_Fact]], names: dict[str, list[s
         chosen = rng.sample(asked, need)
         for split, part in (("dev", chosen[:p.mmlu_n_dev_per_subject]), ("test", chosen[p.mmlu_n_dev_per_subject:])):
             for f in part:
-                choices = [f.value, *rng.sample([v for v in _pool(f, names) if v != f.value], 3)]
-                rng.shuffle(choices)
+                values = [f.value, *rng.sample([v for v in _pool(f, names) if v != f.value], 3)]
+                rng.shuffle(values)
+                # Choices are answers in the world's declarative voice (canonical clause), as TruthfulQA's
+                # are: a ~1M model stores facts as statements and cannot extract a bare value from an
+                # unseen interrogative (a probe with bare-value choices scored 0.33, chance 0.25).
+                choices = [_sentence(f.clause(0, v)) for v in values]
                 rows[split].append({"question": f.relation.question.format(e=f.entity), "subject": s.id,
-                                    "choices": choices, "answer": choices.index(f.value)})
+                                    "choices": choices, "answer": values.index(f.value)})
                 ids[split].append(f.id)
     return rows, ids
 

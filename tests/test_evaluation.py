@@ -168,6 +168,8 @@ def test_long_contexts_are_left_truncated_and_counted(model, tiny_tokenizer):
     assert lls[0] != pytest.approx(_reference_ll(model, tiny_tokenizer, c, x), abs=1e-4)
     with pytest.raises(ValueError, match="does not fit"):
         loglikelihoods(model, tiny_tokenizer, [(c, x)], 1, max_length=len(cont) - 1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        loglikelihoods(model, tiny_tokenizer, [(c, x)], 1, max_length=257)
 
 
 # --------------------------------------------------------------------------- evaluate, end to end
@@ -236,7 +238,8 @@ def test_evaluate_is_deterministic_and_limits_rows(model, tiny_tokenizer, data_d
     assert a == b
     assert (a[0]["gsm8k_n"], a[0]["truthfulqa_n"], a[0]["mmlu_n"]) == (2, 2, 2)
     # greedy: batch size does not change the predictions
-    _, c, _ = evaluation.eval_gsm8k(model, tiny_tokenizer, data_dir, EvalParams(**{**p.model_dump(), "gen_batch_size": 1}), 0)
+    p1 = EvalParams(**{**p.model_dump(), "gen_batch_size": 1})
+    _, c, _ = evaluation.eval_gsm8k(model, tiny_tokenizer, data_dir, p1, 0)
     assert [it["prediction"] for it in c] == [it["prediction"] for it in a[1]["gsm8k"]]
 
 
@@ -287,14 +290,16 @@ def test_aggregation_with_contrived_generations_and_loglikelihoods(tiny_tokenize
     _FixedEngine.tok = tiny_tokenizer
     monkeypatch.setattr(evaluation, "HFRolloutEngine", _FixedEngine)
     # LL = -(number of characters of the continuation): shorter choices win
-    monkeypatch.setattr(
-        evaluation, "_loglikelihoods", lambda model, tok, reqs, bs, ml: ([-float(len(x)) for _, x in reqs], [False] * len(reqs))
-    )
+    def fake(model, tok, reqs, bs, ml):
+        return [-float(len(x)) for _, x in reqs], [False] * len(reqs)
+
+    monkeypatch.setattr(evaluation, "_loglikelihoods", fake)
     scores, items = evaluate(None, tiny_tokenizer, data_dir, EvalParams(**PARAMS))
 
     # GSM8K: strict right, strict missing (flexible "7." -> "7" right), strict wrong (50 != 48)
-    assert [(it["strict_pred"], it["flexible_pred"]) for it in items["gsm8k"]] == [("4", "4"), (None, "7."), ("50", "50")]
-    assert [(it["correct"], it["flexible_correct"]) for it in items["gsm8k"]] == [(True, True), (False, True), (False, False)]
+    g = items["gsm8k"]
+    assert [(it["strict_pred"], it["flexible_pred"]) for it in g] == [("4", "4"), (None, "7."), ("50", "50")]
+    assert [(it["correct"], it["flexible_correct"]) for it in g] == [(True, True), (False, True), (False, False)]
     assert scores["gsm8k_strict"] == pytest.approx(1 / 3)
     assert scores["gsm8k_flexible"] == pytest.approx(2 / 3)
     assert scores["gsm8k_noanswer"] == pytest.approx(1 / 3)

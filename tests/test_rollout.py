@@ -163,7 +163,8 @@ def test_stop_strings_cut_the_same_greedy_rollout(peaked_model, tiny_tokenizer, 
     text0 = free.texts[0]
     k = next(i for i in range(4, len(text0) - 1) if text0[i : i + 2].isascii() and text0[i : i + 2].isalnum())
     stop = text0[k : k + 2]
-    cut = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), 0)
+    engine = HFRolloutEngine(peaked_model, tiny_tokenizer, 4)
+    cut = engine.generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), seed=0)
     assert stop not in "".join(cut.texts)
     assert cut.finished[0]
     for full_ids, full_text, full_lp, ids, text, lp, fin in zip(
@@ -214,3 +215,14 @@ def test_too_long_for_the_model_fails_loudly(peaked_model, tiny_tokenizer):
         HFRolloutEngine(peaked_model, tiny_tokenizer, 2).generate([[5] * 250], SamplingParams(10, 0.0), seed=0)
     with pytest.raises(ValueError, match="empty"):
         HFRolloutEngine(peaked_model, tiny_tokenizer, 2).generate([[5], []], SamplingParams(10, 0.0), seed=0)
+
+
+def test_peft_wrapped_model(peaked_model, tiny_tokenizer, prompt_ids):
+    from peft import LoraConfig, get_peft_model
+
+    base = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(10, 0.0), seed=0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    wrapped = get_peft_model(copy.deepcopy(peaked_model), lora)  # LoRA B = 0: the same function
+    wrapped.train()
+    out = HFRolloutEngine(wrapped, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(10, 0.0), seed=0)
+    assert out.completion_ids == base.completion_ids and wrapped.training

@@ -225,8 +225,13 @@ def test_mmlu_rows_ask_distinct_facts_with_the_gold_at_answer(world):
         for r, fid in zip(world.mmlu[split], ids[split], strict=True):
             f = facts[fid]
             assert f["kind"] == "mmlu" and f["subject"] == r["subject"]
-            assert r["choices"][r["answer"]] == f["value"] and f["entity"] in r["question"]
-            assert set(r["choices"]) <= set(world.meta["relations"][f"{f['subject']}/{f['relation']}"]["pool"])
+            assert f["entity"] in r["question"]
+            # choices are the canonical declarative clause with the gold value / three pool distractors
+            gold = f["statements"][0][0].upper() + f["statements"][0][1:] + "."
+            assert r["choices"][r["answer"]] == gold
+            pool = world.meta["relations"][f"{f['subject']}/{f['relation']}"]["pool"]
+            values = [next(v for v in pool if gold.replace(f["value"], v) == c) for c in r["choices"]]
+            assert len(set(values)) == 4 and values[r["answer"]] == f["value"]
     subjects = [r["subject"] for r in world.mmlu["test"]]
     assert {s: subjects.count(s) for s in set(subjects)} == dict.fromkeys(
         ["world_geography", "world_zoology", "world_crafts", "world_history"], 20)

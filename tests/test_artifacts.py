@@ -1,0 +1,61 @@
+"""Atomic outputs, lineage, and model directories that reload by the standard call with the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from poststate.artifacts import atomic_dir, tree_sha256
+from poststate.loop import TrainResult
+from poststate.modeling import load_model, with_adapter
+from poststate.params import Adapter
+from poststate.runs import save_run
+from tests.conftest import build_tiny_model
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_old_on_failure(tmp_path):
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_text("v1")
+    assert (out / "w.bin").read_text() == "v1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "w.bin").write_text("half-written")
+            raise RuntimeError("killed mid-save")
+    assert (out / "w.bin").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dir left behind
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_saved_run_reloads_with_same_logits_and_lineage(tmp_path, monkeypatch, tiny_tokenizer, kind):
+    monkeypatch.chdir(tmp_path)
+    parent = tmp_path / "models" / "base"
+    base = build_tiny_model(tiny_tokenizer, init_std=0.3)
+    base.save_pretrained(parent)
+    tiny_tokenizer.save_pretrained(parent)
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n')
+    model = with_adapter(load_model(parent), Adapter(kind=kind, r=4, alpha=8))
+    if kind == "lora":  # make the adapter non-trivial (peft inits B = 0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+    model.eval()
+    ids = torch.tensor([tiny_tokenizer("Question: Tom has 3 apples")["input_ids"]])
+    before = model(input_ids=ids).logits
+    result = TrainResult(steps=2, states=10, tokens=20, seconds=1.0, sample=[{"origin": "dataset", "prompt_ids": [1], "prefix_ids": [2]}])
+    out = tmp_path / "models" / "run" / "s3"
+    save_run(model, tiny_tokenizer, out, kind="sft_test", params={"lr": 0.1}, seed=3,
+             parents={"base": parent.relative_to(tmp_path)}, data={"sft": data.relative_to(tmp_path)}, result=result)
+    assert (out / ("adapter_config.json" if kind == "lora" else "config.json")).exists()
+    if kind == "lora":
+        assert not (out / "model.safetensors").exists()  # adapters, not merged copies
+    reloaded = load_model(out.relative_to(tmp_path)).eval()
+    assert torch.allclose(reloaded(input_ids=ids).logits, before, atol=1e-5)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["seed"] == 3 and lineage["params"] == {"lr": 0.1} and lineage["kind"] == "sft_test"
+    assert lineage["parents"]["base"] == {"path": "models/base", "sha256": tree_sha256(parent)}
+    assert lineage["data"]["sft"]["sha256"] == tree_sha256(data)
+    assert len(lineage["code_sha256"]) == 64 and lineage["training"]["states"] == 10
+    assert [json.loads(l) for l in (out / "train_states.jsonl").read_text().splitlines()] == result.sample

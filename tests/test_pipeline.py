@@ -1,0 +1,127 @@
+"""End to end: the whole tiny DAG through `dvc repro` in a temporary copy of the repo, at a smaller size.
+
+Checks the metrics files, the report (every row; each verdict recomputed from report.json by its rule),
+that a second `dvc repro` is a no-op, that a parameter change invalidates exactly the stages that depend
+on it, and that re-running a stage with the same params reproduces report.json byte for byte.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from poststate import report as rep
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ["base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "opd_seqkd", "rl"]
+
+SMALL = {
+    "prepare": {"world": {"n_corpus_docs": 1500, "gsm8k_n_sft": 64, "gsm8k_n_prompts": 32, "gsm8k_n_fewshot": 8,
+                          "gsm8k_n_test": 24, "mmlu_n_test": 24, "mmlu_n_dev_per_subject": 2, "tqa_n_items": 16}},
+    "base": {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                       "head_dim": 16, "intermediate_size": 64, "vocab_size": 300},
+             "pretrain": {"steps": 12, "batch_size": 8, "seq_len": 64, "max_len": 64}},
+    "sft": {"batch_size": 16, "stress": {"epochs": 1}},
+    "opd": {"steps": 2, "prompts_per_step": 4, "rollout": {"max_new_tokens": 24}, "continuation": {"length": 4}},
+    "rl": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "rollout": {"max_new_tokens": 24}},
+    "eval": {"harness": {"gsm8k_max_new_tokens": 24}, "drift": {"prompts": 8, "cuts": 2, "rollout": {"max_new_tokens": 24},
+                                                                 "locality_states": 16}},
+}
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    dest = tmp_path_factory.mktemp("pipeline") / "repo"
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for rel in tracked.stdout.split():
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("metrics/", "resolved/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "small"]):
+        sh(cmd, dest)
+    sh(["dvc", "repro"], dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_every_run_has_harness_metrics_with_stderr_and_n(repo):
+    for run in RUNS:
+        m = json.loads((repo / "metrics/eval" / f"{run}.json").read_text())
+        for key in ("gsm8k_strict", "gsm8k_flexible", "truthfulqa_mc1", "truthfulqa_mc2", "mmlu_acc"):
+            assert 0.0 <= m[key] <= 1.0 and m[f"{key}_stderr"] >= 0.0, (run, key)
+        assert (m["gsm8k_n"], m["truthfulqa_n"], m["mmlu_n"]) == (24, 16, 24)
+        if run != "base":
+            assert {"mmd_lexical", "mmd_hidden", "kl_base_tuned", "train_state_nll"} <= set(m), run
+        assert (repo / "models" / run / ("" if run == "base" else "s0") / "lineage.json").exists()
+
+
+@pytest.mark.slow
+def test_report_has_every_row_and_verdicts_follow_from_report_json(repo):
+    md = (repo / "metrics/report.md").read_text()
+    for run in RUNS:
+        assert rep.RUN_LABELS[run] in md, run
+    report = json.loads((repo / "metrics/report.json").read_text())
+    rules = rep.ReportRules.model_validate(report["rules"])
+    assert set(report["verdicts"]) == set(rep.FINDINGS)
+    for finding, verdict in report["verdicts"].items():
+        assert verdict["verdict"] in (rep.REPRODUCED, rep.NOT_REPRODUCED, rep.INCONCLUSIVE)
+        assert rep.verdict_for(finding, report, rules) == verdict, finding
+        assert f"{finding}" in md and verdict["verdict"] in md
+    for png in ("gain_vs_retention", "drift_vs_forgetting", "training_curves"):
+        assert (repo / "metrics/plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_second_repro_is_a_noop(repo):
+    out = sh(["dvc", "repro"], repo).stdout
+    assert "Running stage" not in out, out
+
+
+@pytest.mark.slow
+def test_param_change_invalidates_only_its_dependents(repo):
+    original = (repo / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["sft"]["lr"] = params["sft"]["lr"] / 2
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        sh(["dvc", "repro", "resolve"], repo)
+        status = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
+        changed = set(status)
+        assert {"sft@mild", "opd@mild"} <= changed
+        assert not changed & {"prepare", "base", "sft@stress", "teacher", "opd@stress", "opd@seqkd", "rl"}, changed
+    finally:
+        (repo / "params.yaml").write_text(original)
+        sh(["dvc", "repro", "resolve"], repo)
+
+
+@pytest.mark.slow
+def test_rerun_with_same_params_gives_identical_report(repo):
+    before = (repo / "metrics/report.json").read_bytes()
+    sh(["dvc", "repro", "--force", "--downstream", "sft@mild"], repo)
+    assert (repo / "metrics/report.json").read_bytes() == before
+    assert "Running stage" not in sh(["dvc", "repro"], repo).stdout
