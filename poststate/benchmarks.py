@@ -12,7 +12,6 @@ tens of seconds to minutes. With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, the p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from poststate.artifacts import read_jsonl
 from poststate.params import HubDataset
 
 HUB_PROBE_TIMEOUT_S = 5.0  # the connectivity probe's connect/read timeout
@@ -61,27 +61,14 @@ def _probe_hub(ds: HubDataset, timeout_s: float) -> None:
         raise _unreachable(ds, f"the Hub answered {e}") from e
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"local dataset file {path} does not exist (from {LOCAL_DIR_PARAM})")
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}): {line[:120]!r}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 def load_rows(ds: HubDataset, local_dir: Path | None, local_file: str) -> list[dict[str, Any]]:
     """The rows of `ds`: from `local_dir / local_file` (JSON Lines, Hub schema) when `local_dir` is given,
     else `datasets.load_dataset(ds.path, ds.name, split=ds.split, revision=ds.revision)` as dicts."""
     if local_dir is not None:
-        return _read_jsonl(Path(local_dir) / local_file)
+        path = Path(local_dir) / local_file
+        if not path.is_file():
+            raise FileNotFoundError(f"local dataset file {path} does not exist (from {LOCAL_DIR_PARAM})")
+        return read_jsonl(path)
     if not datasets.config.HF_HUB_OFFLINE:
         _probe_hub(ds, HUB_PROBE_TIMEOUT_S)
     try:

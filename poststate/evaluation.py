@@ -7,7 +7,6 @@ TruthfulQA MC1/MC2 and MMLU, batched greedy generation (through `rollout.HFRollo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from poststate import prompts, scoring
+from poststate.artifacts import read_jsonl
 from poststate.params import EvalParams
 from poststate.rollout import HFRolloutEngine, SamplingParams
 from poststate.stats import mean_stderr
@@ -131,14 +131,7 @@ def loglikelihoods(
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: eval data file not found (written by the prepare stage)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows if limit is None else rows[:limit]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +86,13 @@ def train(
     per_step_keep = max(1, math.ceil(keep_states / steps))
     t_start = time.perf_counter()
     states: States | None = None
-    bar = tqdm(range(steps), desc=method.name, disable=not progress or not acc.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        range(steps),
+        desc=method.name,
+        disable=not progress or not acc.is_main_process,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
+    )
     for step in bar:
         t0 = time.perf_counter()
         totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0, "states": 0.0}

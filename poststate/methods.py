@@ -18,6 +18,7 @@ supervised batch (gold tokens, a teacher continuation, teacher distributions, or
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -111,6 +112,24 @@ def encode_gold(tokenizer, row: dict[str, Any]) -> list[int]:
     return tokenizer(gsm8k_target(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+class Epochs:
+    """Row indices in seeded per-epoch shuffles: every row once per epoch, batches across epoch ends."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("no rows to draw from")
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        idx = []
+        while len(idx) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            idx.append(self.order.pop())
+        return idx
+
+
 class DatasetStates:
     """Dataset states: gold prefixes of the SFT split, in seeded per-epoch shuffles (SFT's q_k)."""
 
@@ -121,16 +140,10 @@ class DatasetStates:
             raise ValueError("DatasetStates: no rows")
         self.rows, self.batch_size = rows, batch_size
         self.encoded = [(encode_prompt(tokenizer, r), encode_gold(tokenizer, r)) for r in rows]
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
+        self.epochs = Epochs(len(rows), seed)
 
     def draw(self, policy) -> States:
-        idx = []
-        while len(idx) < self.batch_size:
-            if not self.order:
-                self.order = list(range(len(self.rows)))
-                self.rng.shuffle(self.order)
-            idx.append(self.order.pop())
+        idx = self.epochs.take(self.batch_size)
         return States(
             origin=self.origin,
             prompt_ids=[self.encoded[i][0] for i in idx],
@@ -196,24 +209,13 @@ class RolloutStates:
         )
         self.prompts_per_step, self.samples_per_prompt = prompts_per_step, samples_per_prompt
         self.cuts, self.teacher, self.batch_size = cuts, teacher, batch_size
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # cut points
+        self.epochs = Epochs(len(rows), seed)
         self.seed, self.calls = seed, 0
-        self.order: list[int] = []
         self.gen_seconds = 0.0
 
-    def _prompts(self) -> list[int]:
-        idx = []
-        while len(idx) < self.prompts_per_step:
-            if not self.order:
-                self.order = list(range(len(self.rows)))
-                self.rng.shuffle(self.order)
-            idx.append(self.order.pop())
-        return idx
-
     def draw(self, policy) -> States:
-        import time
-
-        idx = self._prompts()
+        idx = self.epochs.take(self.prompts_per_step)
         prompts = [encode_prompt(self.tokenizer, self.rows[i]) for i in idx for _ in range(self.samples_per_prompt)]
         model = self.teacher if self.origin == "teacher" else policy
         t0 = time.perf_counter()
@@ -280,8 +282,6 @@ class TeacherContinuation:
         self.gen_seconds = 0.0
 
     def supervise(self, states: States, policy) -> Supervised:
-        import time
-
         contexts = [list(x) + list(y) for x, y in zip(states.prompt_ids, states.prefix_ids)]
         t0 = time.perf_counter()
         out = self.engine.generate(contexts, self.sampling, seed=self.seed * 104729 + self.calls)

@@ -3,16 +3,17 @@ with its lineage atomically."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from poststate.artifacts import atomic_dir, atomic_write_json, lineage
-from poststate.loop import TrainResult
+from poststate.artifacts import atomic_dir, atomic_write_json, lineage, read_jsonl, write_jsonl  # noqa: F401 (re-exported for stages)
+
+if TYPE_CHECKING:
+    from poststate.loop import TrainResult
 
 DATA = Path("data/prepared")
 MODELS = Path("models")
@@ -23,22 +24,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def run_dir(run: str, seed: int | None) -> Path:

@@ -89,6 +89,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from poststate.artifacts import write_jsonl
+
 # --------------------------------------------------------------------------- arithmetic families
 
 
@@ -854,11 +856,6 @@ def generate_world(p: WorldParams) -> World:
     return World(corpus=corpus, gsm8k=gsm8k, mmlu=mmlu, truthfulqa=tqa, truthfulqa_preamble=preamble, meta=meta)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def write_world(world: World, out_dir: Path) -> None:
     """Write the prepared-data layout of docs/architecture.md (JSON Lines, keys in Hub order):
     gsm8k/{sft,prompts,fewshot,test}.jsonl, mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl, corpus.txt
@@ -866,10 +863,10 @@ def write_world(world: World, out_dir: Path) -> None:
     (the preamble exactly, no trailing newline)."""
     out_dir = Path(out_dir)
     for split in ("sft", "prompts", "fewshot", "test"):
-        _write_jsonl(out_dir / "gsm8k" / f"{split}.jsonl", world.gsm8k[split])
+        write_jsonl(out_dir / "gsm8k" / f"{split}.jsonl", world.gsm8k[split])
     for split in ("dev", "test"):
-        _write_jsonl(out_dir / "mmlu" / f"{split}.jsonl", world.mmlu[split])
-    _write_jsonl(out_dir / "truthfulqa" / "mc.jsonl", world.truthfulqa)
+        write_jsonl(out_dir / "mmlu" / f"{split}.jsonl", world.mmlu[split])
+    write_jsonl(out_dir / "truthfulqa" / "mc.jsonl", world.truthfulqa)
     bad = [i for i, d in enumerate(world.corpus) if "\n\n" in d]
     if bad:
         raise ValueError(f"corpus documents {bad[:5]} contain a blank line, which separates documents in corpus.txt")

@@ -27,11 +27,11 @@ from poststate.runs import DATA, read_jsonl, run_dir, write_jsonl
 EVALS = Path("evals")
 
 
-def rollouts(model, tok, rows, p, seed: int) -> list[dict]:
+def rollouts(model, tok, rows, p, batch_size: int, seed: int) -> list[dict]:
     """The drift prompt set's rollouts (sampled, seeded): prompt and completion ids and text."""
     prompts = [encode_prompt(tok, r) for r in rows]
     sp = SamplingParams(max_new_tokens=p.rollout.max_new_tokens, temperature=p.rollout.temperature, top_p=p.rollout.top_p, stop=GSM8K_STOPS)
-    out = HFRolloutEngine(model, tok, batch_size=64).generate(prompts, sp, seed=seed)
+    out = HFRolloutEngine(model, tok, batch_size).generate(prompts, sp, seed=seed)
     return [
         {"prompt_ids": list(x), "completion_ids": list(y), "prompt": tok.decode(x), "completion": t}
         for x, y, t in zip(out.prompt_ids, out.completion_ids, out.texts)
@@ -55,8 +55,12 @@ def diagnostics(base, model, tok, base_roll, roll, states, p, seed: int) -> dict
     d = p.drift
     s_base = drift.prefix_states([r["prompt"] for r in base_roll], [r["completion"] for r in base_roll], d.cuts, seed)
     s_run = drift.prefix_states([r["prompt"] for r in roll], [r["completion"] for r in roll], d.cuts, seed)
-    X = drift.lexical_features(s_base, ngram=(1, d.ngram_max), dim=d.hash_dim)
-    Y = drift.lexical_features(s_run, ngram=(1, d.ngram_max), dim=d.hash_dim)
+    # Lexical features of the generated part of each state: both models answer the same prompts, so the
+    # prompt's words are shared by construction and would only dilute the kernel (same cut points).
+    g_base = drift.prefix_states([""] * len(base_roll), [r["completion"] for r in base_roll], d.cuts, seed)
+    g_run = drift.prefix_states([""] * len(roll), [r["completion"] for r in roll], d.cuts, seed)
+    X = drift.lexical_features(g_base, ngram=(1, d.ngram_max), dim=d.hash_dim)
+    Y = drift.lexical_features(g_run, ngram=(1, d.ngram_max), dim=d.hash_dim)
     out = {"mmd_lexical": drift.mmd2_rbf(X, Y, drift.median_bandwidth(X, Y), unbiased=d.unbiased)}
     H_base = drift.hidden_features(base, tok, s_base, p.batch_size)
     H_run = drift.hidden_features(base, tok, s_run, p.batch_size)
@@ -83,10 +87,10 @@ def main(run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd
         for seed in run_seeds:
             model = base if run == "base" else load_model(run_dir(run, seed)).eval()
             scores, items = evaluate(model, tok, DATA, p.harness, seed=seed or 0)
-            roll = rollouts(model, tok, drift_rows, p.drift, seed=seed or 0)
+            roll = rollouts(model, tok, drift_rows, p.drift, p.harness.gen_batch_size, seed=seed or 0)
             if run == "base":
                 # The drift noise floor: a second, independent sample of the base itself.
-                floor = rollouts(base, tok, drift_rows, p.drift, seed=1)
+                floor = rollouts(base, tok, drift_rows, p.drift, p.harness.gen_batch_size, seed=1)
                 scores.update({f"{k}_floor": v for k, v in diagnostics(base, None, tok, roll, floor, [], p, 0).items()})
             else:
                 base_roll = read_jsonl(EVALS / "base" / "rollouts.jsonl")

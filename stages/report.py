@@ -53,6 +53,9 @@ def main() -> None:
         "gsm8k_fewshot": raw["eval"]["harness"]["gsm8k_fewshot"],
         "data": json.loads((DATA / "manifest.json").read_text())["source"],
     }
+    base_scores = next(iter(loaded["base"][0].values()))
+    # the drift noise floor: MMD between two independent samples of the base itself
+    meta |= {f"{k}_noise_floor": round(base_scores[f"{k}_floor"], 6) for k in ("mmd_lexical", "mmd_hidden")}
     report = rep.build_report(
         {r: s for r, (s, _) in loaded.items()},
         {r: i for r, (_, i) in loaded.items()},
