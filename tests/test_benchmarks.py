@@ -77,7 +77,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_non_object_line_names_file_and_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"question": "a", "answer": "#### 1"}\n\n[1, 2]\n')
-    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):  # a blank line is a bad line
+    with pytest.raises(ValueError, match=rf"{path}:3: expected a JSON object, got list"):  # blank lines are skipped
         load_rows(GSM8K_TEST, tmp_path, "x.jsonl")
     path.write_text('{"question": "a", "answer": "#### 1"}\n[1, 2]\n')
     with pytest.raises(ValueError, match=rf"{path}:2: expected a JSON object, got list"):

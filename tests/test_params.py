@@ -49,10 +49,10 @@ def test_variants_inherit_and_override():
 @pytest.mark.parametrize(
     "edit,named",
     [
-        (lambda r: r["sft"].update(lr_typo=1e-3), r"sft\.lr_typo = 0\.001: Extra inputs"),
+        (lambda r: r["sft"].update(lr_typo=1e-3), r"sft\.mild\(merged\)\.lr_typo = 0\.001: Extra inputs"),
         (lambda r: r["sft"]["stress"].update(lr=-0.1), r"sft\.stress\(merged\)\.lr = -0\.1"),
         (lambda r: r["rl"].update(group_size="eight"), r"rl\.group_size = 'eight'"),
-        (lambda r: r["opd"].update(signal="telepathy"), r"opd\.signal = 'telepathy'"),
+        (lambda r: r["opd"].update(signal="telepathy"), r"opd\.stress\(merged\)\.signal = 'telepathy'"),
         (lambda r: r.update(seeds=[0, 0]), r"seeds = \[0, 0\]: duplicate"),
         (lambda r: r.update(sedes=[0]), r"unknown top-level key\(s\) \['sedes'\]"),
         (lambda r: r["base"]["pretrain"].update(adapter={"kind": "lora"}), r"pretraining trains every weight"),

@@ -308,10 +308,10 @@ def test_report_not_reproduced_and_inconclusive_from_score_tables():
 
 def test_missing_runs_and_extra_runs_through_build_report():
     specs = {k: v for k, v in SPECS.items() if k not in ("teacher", "rl")}
-    specs = {"seqkd": SPECS["opd_mild"], **specs}  # an extra run is shown after the paper's runs
+    specs = {"opd_seqkd": SPECS["opd_mild"], **specs}  # an extra run is shown after the paper's runs
     report = build_report(*_tables(specs), RULES)
-    assert report["meta"]["runs"] == ["base", "sft_mild", "sft_stress", "opd_stress", "opd_mild", "seqkd"]
-    assert "| offline SeqKD (control) | 1 |" in render_markdown(report)
+    assert report["meta"]["runs"] == ["base", "sft_mild", "sft_stress", "opd_stress", "opd_mild", "opd_seqkd"]
+    assert "| offline SeqKD (control: teacher states) | 1 |" in render_markdown(report)
     for finding in ("F3", "F4", "P4"):
         assert report["verdicts"][finding]["verdict"] == "inconclusive"
         assert report["verdicts"][finding]["reason"].startswith("run missing")
