@@ -53,43 +53,61 @@ def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], i
 
 
 @torch.no_grad()
-def _score_batch(model, seqs: list[list[int]], n_conts: list[int], pad_id: int) -> list[float]:
-    """Summed log-prob of the last n_conts[r] tokens of each seqs[r], given the tokens before them.
+def _score_groups(model, groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+    """Summed log-prob of each continuation of each group (prefix, [cont_1, ..., cont_m]), given the prefix.
 
-    Right-padded (positions 0..len-1 are the same as unpadded, and a causal model never looks right),
-    so no position ids are needed. Logits are computed only at the K = max n_conts positions each row
-    needs (`logits_to_keep` as a (B, K) index tensor), not over the whole sequence.
+    A group is one packed row: prefix + cont_1[:-1] + ... + cont_m[:-1], with a block mask and position ids
+    such that every segment attends to the prefix and causally to itself only, at the positions it would
+    have alone. So each continuation is scored on exactly prefix + its own tokens, as the harness scores
+    a request, but a prefix shared by m continuations (a question and its choices) is computed once.
+    Rows are right-padded; logits are computed only at the K positions a row needs (`logits_to_keep` as a
+    (B, K) index tensor). A pad position attends to itself only (a fully masked row would be NaN).
     """
     device = next(model.parameters()).device
-    B, T, K = len(seqs), max(len(s) - 1 for s in seqs), max(n_conts)
+    lengths = [len(pre) + sum(len(c) - 1 for c in conts) for pre, conts in groups]
+    B, T, K = len(groups), max(lengths), max(sum(len(c) for c in conts) for _, conts in groups)
     ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    mask_BT = torch.zeros((B, T), dtype=torch.long)
-    pos_BK = torch.zeros((B, K), dtype=torch.long)  # input position whose logits predict continuation token k
+    pos_BT = torch.zeros((B, T), dtype=torch.long)
+    mask_BTT = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+    at_BK = torch.zeros((B, K), dtype=torch.long)  # input position whose logits predict continuation token k
     tgt_BK = torch.zeros((B, K), dtype=torch.long)
-    keep_BK = torch.zeros((B, K), dtype=torch.bool)
-    for r, (s, n) in enumerate(zip(seqs, n_conts, strict=True)):
-        inp = s[:-1]
-        ids_BT[r, : len(inp)] = torch.tensor(inp)
-        mask_BT[r, : len(inp)] = 1
-        start = len(inp) - n
-        pos_BK[r, :n] = torch.arange(start, len(inp))
-        pos_BK[r, n:] = len(inp) - 1  # unused slots point at a real position and are masked out below
-        tgt_BK[r, :n] = torch.tensor(s[-n:])
-        keep_BK[r, :n] = True
+    for r, (pre, conts) in enumerate(groups):
+        P = len(pre)
+        ids_BT[r, :P] = torch.tensor(pre)
+        pos_BT[r, :P] = torch.arange(P)
+        mask_BTT[r, :P, :P] = torch.ones((P, P), dtype=torch.bool).tril()
+        seg, k = P, 0
+        for cont in conts:
+            n = len(cont) - 1  # the segment's inputs: every continuation token but the last
+            ids_BT[r, seg : seg + n] = torch.tensor(cont[:-1], dtype=torch.long)
+            pos_BT[r, seg : seg + n] = torch.arange(P, P + n)
+            mask_BTT[r, seg : seg + n, :P] = True
+            mask_BTT[r, seg : seg + n, seg : seg + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            at_BK[r, k] = P - 1  # the first token is predicted from the prefix's last position
+            at_BK[r, k + 1 : k + 1 + n] = torch.arange(seg, seg + n)
+            tgt_BK[r, k : k + n + 1] = torch.tensor(cont)
+            seg, k = seg + n, k + n + 1
     logits_BKV = model(
-        input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device), logits_to_keep=pos_BK.to(device)
+        input_ids=ids_BT.to(device),
+        attention_mask=mask_BTT[:, None].to(device),
+        position_ids=pos_BT.to(device),
+        logits_to_keep=at_BK.to(device),
     ).logits
     if logits_BKV.shape[:2] != (B, K):
         raise RuntimeError(f"model returned logits of shape {tuple(logits_BKV.shape)}, expected ({B}, {K}, V)")
-    logp_BKV = torch.log_softmax(logits_BKV.float(), dim=-1)
-    logp_BK = logp_BKV.gather(-1, tgt_BK.to(device)[..., None]).squeeze(-1).cpu()
-    return (logp_BK * keep_BK).sum(dim=1).tolist()
+    logp_BK = torch.log_softmax(logits_BKV.float(), dim=-1).gather(-1, tgt_BK.to(device)[..., None]).squeeze(-1).cpu()
+    out = []
+    for r, (_, conts) in enumerate(groups):
+        bounds = torch.tensor([0] + [len(c) for c in conts]).cumsum(0).tolist()
+        out.append([float(logp_BK[r, a:b].sum()) for a, b in zip(bounds, bounds[1:])])
+    return out
 
 
 def _loglikelihoods(
     model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int, max_length: int
 ) -> tuple[list[float], list[bool]]:
-    """(log-likelihood, context was left-truncated) per request; identical requests are scored once."""
+    """(log-likelihood, context was left-truncated) per request; identical requests are scored once, and
+    requests whose (fitted) contexts are identical share one packed row (`_score_groups`)."""
     if batch_size <= 0 or max_length <= 0:
         raise ValueError(f"batch_size and max_length must be > 0, got {batch_size}, {max_length}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -97,16 +115,21 @@ def _loglikelihoods(
         raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings ({max_pos})")
     unique = list(dict.fromkeys((c, x) for c, x in requests))
     fitted = [_fit(*encode_pair(tokenizer, c, x), max_length) for c, x in unique]
-    order = sorted(range(len(unique)), key=lambda i: -len(fitted[i][0]))  # longest first, like the harness
+    by_prefix: dict[tuple[int, ...], list[int]] = {}  # fitted context -> indices into unique
+    for i, (seq, n, _) in enumerate(fitted):
+        by_prefix.setdefault(tuple(seq[:-n]), []).append(i)
+    groups = list(by_prefix.items())
+    # longest row first, like the harness's longest-first order: similar lengths share a batch
+    groups.sort(key=lambda g: -(len(g[0]) + sum(fitted[i][1] - 1 for i in g[1])))
     lls: dict[int, float] = {}
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            seqs, n_conts = [fitted[i][0] for i in idx], [fitted[i][1] for i in idx]
-            batch = _score_batch(model, seqs, n_conts, tokenizer.pad_token_id)
-            lls.update(zip(idx, batch, strict=True))
+        for start in range(0, len(groups), batch_size):
+            batch = groups[start : start + batch_size]
+            rows = [(list(pre), [fitted[i][0][-fitted[i][1] :] for i in idx]) for pre, idx in batch]
+            for (_, idx), scores in zip(batch, _score_groups(model, rows, tokenizer.pad_token_id), strict=True):
+                lls.update(zip(idx, scores, strict=True))
     finally:
         model.train(was_training)
     where = {req: i for i, req in enumerate(unique)}

@@ -56,9 +56,13 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_model(path: Path, trainable: bool = False):
+def load_model(path: Path, trainable: bool = False, merge: bool = False):
     """Load `models/<name>/` the standard way: `AutoPeftModelForCausalLM` for a LoRA adapter directory,
-    `AutoModelForCausalLM` otherwise. fp32 (training and CPU); the loop casts for bf16 on a GPU."""
+    `AutoModelForCausalLM` otherwise. fp32 (training and CPU); the loop casts for bf16 on a GPU.
+    `merge` folds a LoRA adapter into the weights (the same function, up to float rounding, without the
+    adapter's extra matmuls per layer): for inference only (evaluation, a frozen teacher)."""
+    if merge and trainable:
+        raise ValueError("load_model: merge=True is for inference; a trainable model keeps its adapter")
     path = Path(path)
     if not (path / "config.json").exists() and not is_adapter_dir(path):
         raise FileNotFoundError(f"{path}: no config.json or adapter_config.json - not a model directory")
@@ -66,6 +70,8 @@ def load_model(path: Path, trainable: bool = False):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=trainable, dtype=torch.float32)
+        if merge:
+            model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train(trainable)

@@ -236,7 +236,7 @@ class EvalParams(BaseModel):
     mmlu_fewshot: int = Field(ge=0)  # harness mmlu yaml: 0; original paper / old Open LLM Leaderboard: 5
     mmlu_limit: Limit  # harness: None (all 14042 test rows, or the prepared subset)
     gen_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only; greedy output does not depend on it)
-    ll_batch_size: int = Field(gt=0)  # harness: --batch_size (throughput only)
+    ll_batch_size: int = Field(gt=0)  # packed rows per forward, one per distinct context (throughput only)
     max_length: int = Field(gt=0)  # harness HFLM: the model's max_position_embeddings; contexts are left-truncated
 
 

@@ -85,7 +85,7 @@ def main(run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd
     per_seed = []
     with atomic_dir(EVALS / run) as tmp:
         for seed in run_seeds:
-            model = base if run == "base" else load_model(run_dir(run, seed)).eval()
+            model = base if run == "base" else load_model(run_dir(run, seed), merge=True).eval()
             scores, items = evaluate(model, tok, DATA, p.harness, seed=seed or 0)
             roll = rollouts(model, tok, drift_rows, p.drift, p.harness.gen_batch_size, seed=seed or 0)
             if run == "base":

@@ -29,7 +29,7 @@ def main(
         seed_everything(seed)
         teacher_dir = teacher / f"s{seed}"
         tok = load_tokenizer(run_dir("base", None))
-        teacher_model = load_model(teacher_dir)
+        teacher_model = load_model(teacher_dir, merge=True)
         if hasattr(teacher_model, "merge_and_unload"):
             teacher_model = teacher_model.merge_and_unload()
         teacher_model.eval().requires_grad_(False)

@@ -53,6 +53,11 @@ def test_saved_run_reloads_with_same_logits_and_lineage(tmp_path, monkeypatch, t
         assert not (out / "model.safetensors").exists()  # adapters, not merged copies
     reloaded = load_model(out.relative_to(tmp_path)).eval()
     assert torch.allclose(reloaded(input_ids=ids).logits, before, atol=1e-5)
+    merged = load_model(out.relative_to(tmp_path), merge=True).eval()  # what evaluation loads
+    assert not hasattr(merged, "peft_config") and not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(merged(input_ids=ids).logits, before, atol=1e-5)
+    with pytest.raises(ValueError, match="inference"):
+        load_model(out.relative_to(tmp_path), trainable=True, merge=True)
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["seed"] == 3 and lineage["params"] == {"lr": 0.1} and lineage["kind"] == "sft_test"
     assert lineage["parents"]["base"] == {"path": "models/base", "sha256": tree_sha256(parent)}

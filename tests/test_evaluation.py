@@ -150,6 +150,25 @@ def test_loglikelihoods_equal_an_unbatched_reference(model, tiny_tokenizer):
     assert all(x < 0 for x in ref) and len(set(ref)) == len(set(REQUESTS))
 
 
+def test_continuations_sharing_a_context_are_packed_and_scored_as_if_alone(model, tiny_tokenizer):
+    """A question's choices share one packed row; each must still see only the context and itself."""
+    ctx = "Q: Which river is longest?\nA:"
+    conts = [" The Nile", " It is the Amazon, by most measures", " Z", " The Nile is", " Mississippi"]
+    requests = [(ctx, c) for c in conts] + [("Q: hi\nA:", " B"), ("Q: hi\nA:", " C D")]
+    ref = [_reference_ll(model, tiny_tokenizer, c, x) for c, x in requests]
+    for batch_size in (1, 2, len(requests)):
+        got = loglikelihoods(model, tiny_tokenizer, requests, batch_size=batch_size, max_length=256)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-4, rtol=0)
+    groups = [(encode_pair(tiny_tokenizer, ctx, conts[0])[0], [encode_pair(tiny_tokenizer, ctx, c)[1] for c in conts])]
+    packed = evaluation._score_groups(model, groups, tiny_tokenizer.pad_token_id)[0]
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(ref[: len(conts)]), atol=1e-4, rtol=0)
+    # left truncation depends on the continuation's length, so a truncated request gets its own row
+    short_max = len(encode_pair(tiny_tokenizer, ctx, conts[1])[0]) + len(encode_pair(tiny_tokenizer, ctx, conts[1])[1]) - 3
+    lls, truncated = evaluation._loglikelihoods(model, tiny_tokenizer, [(ctx, conts[1]), (ctx, conts[2])], 2, short_max)
+    assert truncated == [True, False]
+    assert lls == pytest.approx([_reference_ll(model, tiny_tokenizer, ctx, conts[1], short_max), ref[2]], abs=1e-4)
+
+
 def test_loglikelihood_does_not_depend_on_padding(model, tiny_tokenizer):
     short = ("Q: hi\nA:", " B")
     alone = loglikelihoods(model, tiny_tokenizer, [short], batch_size=1, max_length=256)[0]
