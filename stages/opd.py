@@ -30,8 +30,6 @@ def main(
         teacher_dir = teacher / f"s{seed}"
         tok = load_tokenizer(run_dir("base", None))
         teacher_model = load_model(teacher_dir, merge=True)
-        if hasattr(teacher_model, "merge_and_unload"):
-            teacher_model = teacher_model.merge_and_unload()
         teacher_model.eval().requires_grad_(False)
         student = with_adapter(load_model(run_dir("base", None)), p.adapter)
         method = opd_method(f"opd_{variant}", rows, tok, teacher_model, p, seed)
