@@ -136,7 +136,8 @@ def train(
         if not math.isfinite(metrics["grad_norm"]):
             raise NonFiniteLoss(f"{method.name}: non-finite gradient norm at step {step}")
         result.last = metrics
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        # refresh=False: the postfix shows at the bar's own interval (a log file got every step otherwise)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
         if log is not None:
             log(step, metrics)
     result.seconds = time.perf_counter() - t_start

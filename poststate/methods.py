@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from poststate import losses
+from poststate.modeling import SamplingCopy
 from poststate.params import Continuation, Sampling
 from poststate.prompts import GSM8K_STOPS, gsm8k_prompt, gsm8k_target
 from poststate.rollout import HFRolloutEngine, SamplingParams
@@ -213,12 +214,21 @@ class RolloutStates:
         self.epochs = Epochs(len(rows), seed)
         self.seed, self.calls = seed, 0
         self.gen_seconds = 0.0
+        self._sampler: SamplingCopy | None = None
+
+    def _sampling_model(self, policy):
+        """The teacher, or the learner's current weights in a plain (adapter-merged) copy."""
+        if self.origin == "teacher":
+            return self.teacher
+        if self._sampler is None or self._sampler.policy is not policy:
+            self._sampler = SamplingCopy(policy)
+        return self._sampler.sync()
 
     def draw(self, policy) -> States:
         idx = self.epochs.take(self.prompts_per_step)
         prompts = [encode_prompt(self.tokenizer, self.rows[i]) for i in idx for _ in range(self.samples_per_prompt)]
-        model = self.teacher if self.origin == "teacher" else policy
         t0 = time.perf_counter()
+        model = self._sampling_model(policy)
         out = HFRolloutEngine(model, self.tokenizer, self.batch_size).generate(
             prompts, self.sampling, seed=self.seed * 7919 + self.calls
         )
@@ -342,9 +352,13 @@ class Reward:
     turned into group-relative advantages. Caches per States so a batch reused for several inner PPO
     steps keeps its old log-probs."""
 
-    def __init__(self, tokenizer, max_len: int, std_norm: bool, kl_coef: float, reward_fn: Callable[[str, str], float] = gsm8k_reward):
+    def __init__(
+        self, tokenizer, max_len: int, std_norm: bool, kl_coef: float,
+        reward_fn: Callable[[str, str], float] = gsm8k_reward, reuse: int = 1,
+    ):
         self.tokenizer, self.pad_id, self.max_len = tokenizer, tokenizer.pad_token_id, max_len
         self.std_norm, self.kl_coef, self.reward_fn = std_norm, kl_coef, reward_fn
+        self.reuse = reuse  # inner steps per batch: only a reused batch needs its old log-probs stored
         self._cache: tuple[int, Supervised] | None = None
 
     def supervise(self, states: States, policy) -> Supervised:
@@ -360,7 +374,7 @@ class Reward:
         ids, attn, st = _state_batch(states, self.pad_id, self.max_len)
         dev = next(policy.parameters()).device
         ids_d, attn_d = ids.to(dev), attn.to(dev)
-        old = losses.next_token_logp(_logits(policy, ids_d, attn_d), ids_d)
+        old = losses.next_token_logp(_logits(policy, ids_d, attn_d), ids_d) if self.reuse > 1 else None
         ref = None
         if hasattr(policy, "disable_adapter"):
             with policy.disable_adapter():
@@ -401,7 +415,7 @@ def objective(logits_BTV: Tensor, sup: Supervised, cfg: LossConfig) -> tuple[Ten
         return loss, {"kl_estimate": est.item()}
     if sup.kind == "reward":
         loss, stats = losses.policy_gradient(
-            logits_BTV, ids, st, sup.adv_B.to(dev), sup.old_logp_BT.to(dev), cfg.clip_eps,
+            logits_BTV, ids, st, sup.adv_B.to(dev), None if sup.old_logp_BT is None else sup.old_logp_BT.to(dev), cfg.clip_eps,
             None if sup.ref_logp_BT is None else sup.ref_logp_BT.to(dev), cfg.kl_coef,
         )
         out = {k: v.item() for k, v in stats.items()}
@@ -449,5 +463,5 @@ def opd_method(name: str, rows, tokenizer, teacher, p, seed: int) -> Method:
 def rl_method(name: str, rows, tokenizer, p, seed: int) -> Method:
     """RL = (policy states, reward): G samples per prompt, group-relative advantages."""
     source = RolloutStates("learner", rows, tokenizer, p.rollout, p.prompts_per_step, p.group_size, seed, p.batch_size)
-    signal = Reward(tokenizer, p.max_len, p.std_norm, p.kl_coef)
+    signal = Reward(tokenizer, p.max_len, p.std_norm, p.kl_coef, reuse=p.inner_steps)
     return Method(name, source, signal, LossConfig(clip_eps=p.clip_eps, kl_coef=p.kl_coef), reuse=p.inner_steps)

@@ -50,6 +50,24 @@ def log_step(logger, step: int, metrics: dict[str, float]) -> None:
     logger.next_step()
 
 
+def train_logged(run: str, seed: int, model, method, optim, steps: int) -> tuple[TrainResult, str]:
+    """`loop.train` with DVCLive curves in `metrics/train/<run>/s<seed>/`. Wall-clock figures (training
+    seconds, seconds spent generating rollouts and teacher continuations, their share) go to that run's
+    DVCLive summary (`metrics.json`), not into the model artifact: the same params give the same bytes."""
+    from poststate.loop import train
+
+    with live(run, seed) as logger:
+        result = train(model, method, optim, steps, log=lambda s, m: log_step(logger, s, m))
+        gen = getattr(method.source, "gen_seconds", 0.0) + getattr(method.signal, "gen_seconds", 0.0)
+        logger.summary.update(
+            train_seconds=round(result.seconds, 2),
+            generation_seconds=round(gen, 2),
+            generation_share=round(gen / result.seconds, 4) if result.seconds > 0 else 0.0,
+        )
+    timing = f"{result.seconds:.0f}s" + (f" ({gen / result.seconds:.0%} generating)" if gen else "")
+    return result, timing
+
+
 def save_run(
     model,
     tokenizer,
@@ -76,7 +94,6 @@ def save_run(
                 "steps": result.steps,
                 "states": result.states,
                 "tokens": result.tokens,
-                "seconds": round(result.seconds, 1),
             }
             write_jsonl(tmp / "train_states.jsonl", result.sample)
         atomic_write_json(tmp / "lineage.json", lineage(kind=kind, params=params, seed=seed, parents=parents, data=data, extra=info))

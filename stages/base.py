@@ -9,11 +9,10 @@ paper (base.source=hub):      resolve Qwen/Qwen3-0.6B-Base at a pinned revision 
 
 import typer
 
-from poststate.loop import train
 from poststate.methods import CorpusStates, GoldTokens, Method
 from poststate.modeling import tiny_qwen3, train_tokenizer, trainable_parameters
 from poststate.params import load_section
-from poststate.runs import DATA, live, log_step, run_dir, save_run, seed_everything
+from poststate.runs import DATA, run_dir, save_run, seed_everything, train_logged
 
 
 def from_hub(p) -> None:
@@ -34,13 +33,12 @@ def pretrain(p) -> None:
     n_train, n_total = trainable_parameters(model)
     typer.echo(f"corpus {len(docs)} docs, {len(ids)} tokens; vocab {len(tok)}; model {n_total / 1e6:.2f}M params")
     method = Method("pretrain", CorpusStates(ids, p.pretrain.seq_len, p.pretrain.batch_size, p.seed), GoldTokens(tok, p.pretrain.seq_len))
-    with live("base", p.seed) as logger:
-        result = train(model, method, p.pretrain, p.pretrain.steps, log=lambda s, m: log_step(logger, s, m))
+    result, timing = train_logged("base", p.seed, model, method, p.pretrain, p.pretrain.steps)
     model.eval()
     save_run(model, tok, run_dir("base", None), kind="base", params=p.model_dump(mode="json"), seed=p.seed,
              parents={}, data={"corpus": DATA / "corpus.txt"}, result=result,
              extra={"corpus_tokens": len(ids), "parameters": n_total})
-    typer.echo(f"pretrained {result.steps} steps in {result.seconds:.0f}s, final loss {result.last['loss']:.3f}")
+    typer.echo(f"pretrained {result.steps} steps in {timing}, final loss {result.last['loss']:.3f}")
 
 
 def main() -> None:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import typer
 
-from poststate.loop import train
 from poststate.methods import opd_method
 from poststate.modeling import load_model, load_tokenizer, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, live, log_step, read_jsonl, run_dir, save_run, seed_everything
+from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged
 
 
 def main(
@@ -33,15 +32,12 @@ def main(
         teacher_model.eval().requires_grad_(False)
         student = with_adapter(load_model(run_dir("base", None)), p.adapter)
         method = opd_method(f"opd_{variant}", rows, tok, teacher_model, p, seed)
-        with live(f"opd_{variant}", seed) as logger:
-            result = train(student, method, p, p.steps, log=lambda s, m: log_step(logger, s, m))
-        gen = method.source.gen_seconds + getattr(method.signal, "gen_seconds", 0.0)
+        result, timing = train_logged(f"opd_{variant}", seed, student, method, p, p.steps)
         save_run(student, tok, run_dir(f"opd_{variant}", seed), kind=f"opd_{variant}", params=p.model_dump(mode="json"),
                  seed=seed, parents={"base": run_dir("base", None), "teacher": teacher_dir},
                  data={"prompts": DATA / "gsm8k/prompts.jsonl"}, result=result,
-                 extra={"states": {"source": method.source.origin, "signal": p.signal, "count": result.states},
-                        "generation_seconds": round(gen, 1)})
-        typer.echo(f"  seed {seed}: {result.seconds:.0f}s ({gen / result.seconds:.0%} generating), loss {result.last['loss']:.4f}")
+                 extra={"states": {"source": method.source.origin, "signal": p.signal, "count": result.states}})
+        typer.echo(f"  seed {seed}: {timing}, loss {result.last['loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ import math
 
 import typer
 
-from poststate.loop import train
 from poststate.methods import sft_method
 from poststate.modeling import load_model, load_tokenizer, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, live, log_step, read_jsonl, run_dir, save_run, seed_everything
+from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged
 
 
 def main(variant: str = typer.Argument(..., help="sft variant: mild | stress")) -> None:
@@ -28,12 +27,11 @@ def main(variant: str = typer.Argument(..., help="sft variant: mild | stress")) 
         tok = load_tokenizer(run_dir("base", None))
         model = with_adapter(load_model(run_dir("base", None)), p.adapter)
         method = sft_method(f"sft_{variant}", rows, tok, p, seed)
-        with live(f"sft_{variant}", seed) as logger:
-            result = train(model, method, p, steps, log=lambda s, m: log_step(logger, s, m))
+        result, timing = train_logged(f"sft_{variant}", seed, model, method, p, steps)
         save_run(model, tok, run_dir(f"sft_{variant}", seed), kind=f"sft_{variant}", params=p.model_dump(mode="json"),
                  seed=seed, parents={"base": run_dir("base", None)}, data={"sft": DATA / "gsm8k/sft.jsonl"}, result=result,
                  extra={"states": {"source": "dataset", "count": result.states}})
-        typer.echo(f"  seed {seed}: loss {result.last['loss']:.4f} in {result.seconds:.0f}s")
+        typer.echo(f"  seed {seed}: loss {result.last['loss']:.4f} in {timing}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def test_policy_gradient_first_pass_is_reinforce_and_k3_is_zero_at_ref():
     assert stats["clip_frac"].item() == 0.0
     loss.backward()
     assert logits.grad.abs().sum() > 0
+    # a batch used once passes no old log-probs: the same value and gradient from this forward, detached
+    stored_grad = logits.grad.clone()
+    logits.grad = None
+    again, _ = losses.policy_gradient(logits, ids, state, adv, None, 0.2, logp, 0.1)
+    again.backward()
+    assert again.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.allclose(logits.grad, stored_grad, atol=1e-7)
 
 
 def test_k3_hand_value():

@@ -150,6 +150,7 @@ def test_rl_smoke(tiny_tokenizer, inner):
     result = _smoke(policy, method, p)
     assert "reward_mean" in result.last and "kl_ref" in result.last and "entropy" in result.last
     assert method.source.calls == (2 if inner == 1 else 1)  # a reused batch is drawn once
+    assert (method.signal._cache[1].old_logp_BT is None) == (inner == 1)  # only a reused batch stores pi_old
 
 
 def test_rl_reward_is_the_eval_scorer(tiny_tokenizer):
@@ -178,3 +179,65 @@ def test_loop_stops_on_nan_loss(tiny_tokenizer):
     method = methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0)
     with pytest.raises(NonFiniteLoss, match="step 0"):
         train(model, method, p, 2, progress=False)
+
+
+def _lora_policy(tiny_tokenizer):
+    from poststate.params import Adapter
+
+    policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), Adapter(kind="lora", r=4, alpha=8))
+    with torch.no_grad():  # lora_B starts at zero (a no-op adapter): give it weights, as training would
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return policy
+
+
+def test_sampling_copy_is_the_policy_merged_and_follows_its_updates(tiny_tokenizer):
+    from poststate.modeling import SamplingCopy
+
+    policy = _lora_policy(tiny_tokenizer)
+    base_before = {n: p.clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    sampler = SamplingCopy(policy)
+    model = sampler.sync()
+    assert model is not policy and not any("lora_" in n for n, _ in model.named_parameters())
+    want = policy.eval()(input_ids=ids).logits
+    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+    with policy.disable_adapter():
+        assert not torch.allclose(policy(input_ids=ids).logits, want, atol=1e-3)  # the adapter matters
+    with torch.no_grad():  # an optimizer step on the adapter
+        for n, p in policy.named_parameters():
+            if "lora_A" in n:
+                p.mul_(-1.5)
+    want = policy(input_ids=ids).logits
+    assert not torch.allclose(model(input_ids=ids).logits, want, atol=1e-3)  # stale until synced
+    assert torch.allclose(sampler.sync()(input_ids=ids).logits, want, atol=1e-5)
+    assert all(torch.equal(p, base_before[n]) for n, p in policy.named_parameters() if "lora_" not in n)
+
+
+def test_sampling_copy_of_a_full_model_is_the_model_and_refuses_untracked_trainables(tiny_tokenizer):
+    from poststate.modeling import SamplingCopy
+
+    full = build_tiny_model(tiny_tokenizer)
+    assert SamplingCopy(full).sync() is full
+    policy = _lora_policy(tiny_tokenizer)
+    policy.get_base_model().model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="norm.weight"):
+        SamplingCopy(policy)
+
+
+def test_learner_rollouts_come_from_the_current_policy(tiny_tokenizer):
+    p = rl_params()
+    policy = _lora_policy(tiny_tokenizer)
+    source = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
+    first = source.draw(policy)
+    fresh = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
+    assert fresh.draw(policy).prefix_ids == first.prefix_ids  # same seed, same weights
+    with torch.no_grad():
+        for n, w in policy.named_parameters():
+            if "lora_B" in n:
+                w.mul_(-3.0)
+    again = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
+    moved = again.draw(policy)
+    source.calls, source.epochs, source.rng = 0, methods.Epochs(len(ROWS), 7), random.Random(7)  # rewind the reused source
+    assert source.draw(policy).prefix_ids == moved.prefix_ids != first.prefix_ids  # a reused source re-syncs
