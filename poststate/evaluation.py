@@ -52,7 +52,7 @@ def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], i
     return full[-(max_length + 1) :], len(cont), truncated
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _score_groups(model, groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
     """Summed log-prob of each continuation of each group (prefix, [cont_1, ..., cont_m]), given the prefix.
 

@@ -184,7 +184,7 @@ class HFRolloutEngine:
             finished=[r[3] for r in rows],
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, batch_seed: int
     ) -> list[tuple[list[int], str, list[float], bool]]:
