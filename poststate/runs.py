@@ -3,6 +3,7 @@ with its lineage atomically."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,17 @@ def train_logged(run: str, seed: int, model, method, optim, steps: int) -> tuple
     return result, timing
 
 
+def _canonical_adapter_config(path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that depends on the process's string hash
+    seed: sort it (peft reads it back as a set), so the same adapter has the same bytes in every run."""
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
+
+
 def save_run(
     model,
     tokenizer,
@@ -87,6 +99,7 @@ def save_run(
     with atomic_dir(out) as tmp:
         to_save = model.merge_and_unload() if merge and hasattr(model, "merge_and_unload") else model
         to_save.save_pretrained(tmp)
+        _canonical_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
         info: dict[str, Any] = dict(extra or {})
         if result is not None:

@@ -1,6 +1,10 @@
 """Atomic outputs, lineage, and model directories that reload by the standard call with the same logits."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +68,32 @@ def test_saved_run_reloads_with_same_logits_and_lineage(tmp_path, monkeypatch, t
     assert lineage["data"]["sft"]["sha256"] == tree_sha256(data)
     assert len(lineage["code_sha256"]) == 64 and lineage["training"]["states"] == 10
     assert [json.loads(l) for l in (out / "train_states.jsonl").read_text().splitlines()] == result.sample
+
+
+SAVE_ADAPTER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from tests.conftest import build_tiny_model, build_tiny_tokenizer
+from poststate.modeling import with_adapter
+from poststate.params import Adapter
+from poststate.runs import save_run
+tok = build_tiny_tokenizer()
+model = with_adapter(build_tiny_model(tok), Adapter(kind="lora", r=4, alpha=8))
+save_run(model, tok, Path(sys.argv[1]), kind="t", params={}, seed=0, parents={}, data={})
+"""
+
+
+@pytest.mark.slow  # two fresh processes (imports alone take ~8 s each)
+def test_saved_adapter_has_the_same_bytes_under_any_hash_seed(tmp_path):
+    """peft keeps target_modules in a set: without canonical ordering, adapter_config.json (and with
+    it the DVC hash of every LoRA run) changed from one process to the next."""
+    root = Path(__file__).resolve().parents[1]
+    for hash_seed in ("1", "2"):  # two seeds that order peft's target_modules set differently
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", SAVE_ADAPTER, str(tmp_path / hash_seed), str(root)], env=env, check=True,
+                       capture_output=True, cwd=tmp_path)
+    files = sorted(p.name for p in (tmp_path / "1").iterdir())
+    assert "adapter_config.json" in files and files == sorted(p.name for p in (tmp_path / "2").iterdir())
+    for name in files:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
