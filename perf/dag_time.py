@@ -10,10 +10,12 @@ pipeline in this workspace, exactly as `dvc repro -f` does.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -22,7 +24,9 @@ def main(force: bool = typer.Option(True, help="dvc repro -f (every stage) or pl
     cmd = ["dvc", "repro"] + (["-f"] if force else [])
     marks: list[tuple[float, str]] = []
     start = time.monotonic()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    # dvc and the stages' `python` from this interpreter's environment, activated or not
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
