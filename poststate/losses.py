@@ -82,7 +82,7 @@ def policy_gradient(
     ids_BT: Tensor,
     state_BT: Tensor,
     adv_B: Tensor,
-    old_logp_BT: Tensor | None,
+    old_logp_BT: Tensor,
     clip_eps: float,
     ref_logp_BT: Tensor | None,
     kl_coef: float,
@@ -90,11 +90,8 @@ def policy_gradient(
     """PPO-clipped policy gradient with sequence-level advantages broadcast to every completion token.
     # GRPO-style: loss = -mean_t min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + kl_coef * mean_t k3_t;
     # rho_t = pi/pi_old = 1 on the first pass over a batch (plain REINFORCE with a group baseline).
-    `old_logp_BT=None`: the batch is used once, so pi_old is this very forward, detached (as TRL does
-    with one iteration per batch), which saves a separate no-grad forward.
     """
     logp_BT = next_token_logp(logits_BTV, ids_BT)
-    old_logp_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT
     ratio_BT = (logp_BT - old_logp_BT).exp()
     adv_BT = adv_B[:, None].to(logp_BT.dtype)
     surr_BT = torch.minimum(ratio_BT * adv_BT, ratio_BT.clamp(1 - clip_eps, 1 + clip_eps) * adv_BT)

@@ -349,16 +349,12 @@ class TeacherSampledLogp:
 
 class Reward:
     """RL's signal: the exact-answer reward of each sampled answer (the GSM8K eval's own scorer),
-    turned into group-relative advantages. Caches per States so a batch reused for several inner PPO
-    steps keeps its old log-probs."""
+    turned into group-relative advantages. Caches per States, so a batch reused for several inner PPO
+    steps keeps the old log-probs that `objective` stores on it at its first pass."""
 
-    def __init__(
-        self, tokenizer, max_len: int, std_norm: bool, kl_coef: float,
-        reward_fn: Callable[[str, str], float] = gsm8k_reward, reuse: int = 1,
-    ):
+    def __init__(self, tokenizer, max_len: int, std_norm: bool, kl_coef: float, reward_fn: Callable[[str, str], float] = gsm8k_reward):
         self.tokenizer, self.pad_id, self.max_len = tokenizer, tokenizer.pad_token_id, max_len
         self.std_norm, self.kl_coef, self.reward_fn = std_norm, kl_coef, reward_fn
-        self.reuse = reuse  # inner steps per batch: only a reused batch needs its old log-probs stored
         self._cache: tuple[int, Supervised] | None = None
 
     def supervise(self, states: States, policy) -> Supervised:
@@ -374,7 +370,6 @@ class Reward:
         ids, attn, st = _state_batch(states, self.pad_id, self.max_len)
         dev = next(policy.parameters()).device
         ids_d, attn_d = ids.to(dev), attn.to(dev)
-        old = losses.next_token_logp(_logits(policy, ids_d, attn_d), ids_d) if self.reuse > 1 else None
         ref = None
         if hasattr(policy, "disable_adapter"):
             with policy.disable_adapter():
@@ -387,7 +382,7 @@ class Reward:
             "zero_spread_groups": (r_PG.std(1) == 0).float().mean().item(),
             "completion_len": lengths.mean().item(),
         }
-        sup = Supervised(ids, attn, st, "reward", adv_B=adv_B, old_logp_BT=old, ref_logp_BT=ref, stats=stats)
+        sup = Supervised(ids, attn, st, "reward", adv_B=adv_B, ref_logp_BT=ref, stats=stats)
         self._cache = (id(states), sup)
         return sup
 
@@ -414,8 +409,10 @@ def objective(logits_BTV: Tensor, sup: Supervised, cfg: LossConfig) -> tuple[Ten
         loss, est = losses.sampled_reverse_kl(logits_BTV, ids, sup.teacher_logp_BT.to(dev), st)
         return loss, {"kl_estimate": est.item()}
     if sup.kind == "reward":
+        if sup.old_logp_BT is None:  # the first pass over this batch: pi_old is this very forward, detached,
+            sup.old_logp_BT = losses.next_token_logp(logits_BTV.detach(), ids)  # kept for its reuse (PPO inner steps)
         loss, stats = losses.policy_gradient(
-            logits_BTV, ids, st, sup.adv_B.to(dev), None if sup.old_logp_BT is None else sup.old_logp_BT.to(dev), cfg.clip_eps,
+            logits_BTV, ids, st, sup.adv_B.to(dev), sup.old_logp_BT.to(dev), cfg.clip_eps,
             None if sup.ref_logp_BT is None else sup.ref_logp_BT.to(dev), cfg.kl_coef,
         )
         out = {k: v.item() for k, v in stats.items()}
@@ -463,5 +460,5 @@ def opd_method(name: str, rows, tokenizer, teacher, p, seed: int) -> Method:
 def rl_method(name: str, rows, tokenizer, p, seed: int) -> Method:
     """RL = (policy states, reward): G samples per prompt, group-relative advantages."""
     source = RolloutStates("learner", rows, tokenizer, p.rollout, p.prompts_per_step, p.group_size, seed, p.batch_size)
-    signal = Reward(tokenizer, p.max_len, p.std_norm, p.kl_coef, reuse=p.inner_steps)
+    signal = Reward(tokenizer, p.max_len, p.std_norm, p.kl_coef)
     return Method(name, source, signal, LossConfig(clip_eps=p.clip_eps, kl_coef=p.kl_coef), reuse=p.inner_steps)

@@ -109,7 +109,7 @@ class SamplingCopy:
     """The policy as a sampler sees it: a plain copy with the LoRA adapter folded into its weights,
     re-synced from the live policy before each use (the weight sync that trainers with a separate
     inference engine do). Measured on the tiny base, 16 rollouts of 96 tokens: 0.91-1.26 s through the
-    adapter, 0.64-0.91 s from this copy; a sync takes ~2 ms. A policy without an adapter (full
+    adapter, 0.64-0.91 s from this copy; a sync took 2-3 ms. A policy without an adapter (full
     fine-tuning) is its own sampler.
 
     The sync is exact: each copied weight is `W + delta` computed as peft's own merge computes it,

@@ -58,6 +58,14 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_std
     return Qwen3ForCausalLM(config).eval()
 
 
+def give_lora_weights(model, std: float = 0.2) -> None:
+    """peft initialises lora_B = 0, a no-op adapter: give it random weights, as training would."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()

@@ -14,7 +14,7 @@ from poststate.loop import TrainResult
 from poststate.modeling import load_model, with_adapter
 from poststate.params import Adapter
 from poststate.runs import save_run
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, give_lora_weights
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -40,11 +40,8 @@ def test_saved_run_reloads_with_same_logits_and_lineage(tmp_path, monkeypatch, t
     data = tmp_path / "sft.jsonl"
     data.write_text('{"question": "q", "answer": "#### 1"}\n')
     model = with_adapter(load_model(parent), Adapter(kind=kind, r=4, alpha=8))
-    if kind == "lora":  # make the adapter non-trivial (peft inits B = 0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.2)
+    if kind == "lora":
+        give_lora_weights(model)
     model.eval()
     ids = torch.tensor([tiny_tokenizer("Question: Tom has 3 apples")["input_ids"]])
     before = model(input_ids=ids).logits

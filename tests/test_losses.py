@@ -89,13 +89,21 @@ def test_policy_gradient_first_pass_is_reinforce_and_k3_is_zero_at_ref():
     assert stats["clip_frac"].item() == 0.0
     loss.backward()
     assert logits.grad.abs().sum() > 0
-    # a batch used once passes no old log-probs: the same value and gradient from this forward, detached
+    # a fresh batch carries no old log-probs: the objective takes pi_old from this very forward, detached
+    # (the same value and gradient as passing them), and stores it on the batch for its reuse
+    from poststate.methods import LossConfig, Supervised, objective
+
     stored_grad = logits.grad.clone()
     logits.grad = None
-    again, _ = losses.policy_gradient(logits, ids, state, adv, None, 0.2, logp, 0.1)
+    sup = Supervised(ids, torch.ones_like(ids), state, "reward", adv_B=adv, ref_logp_BT=logp)
+    again, _ = objective(logits, sup, LossConfig(clip_eps=0.2, kl_coef=0.1))
     again.backward()
     assert again.item() == pytest.approx(loss.item(), rel=1e-6)
     assert torch.allclose(logits.grad, stored_grad, atol=1e-7)
+    assert torch.equal(sup.old_logp_BT, logp)
+    moved = (logits.detach() + torch.randn(logits.shape)).requires_grad_(True)  # the policy after an inner step
+    later, stats = objective(moved, sup, LossConfig(clip_eps=0.2, kl_coef=0.1))
+    assert torch.equal(sup.old_logp_BT, logp) and stats["clip_frac"] > 0  # the ratio is against the stored pi_old
 
 
 def test_k3_hand_value():

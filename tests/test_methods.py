@@ -11,7 +11,7 @@ from poststate.loop import NonFiniteLoss, train
 from poststate.methods import States
 from poststate.modeling import with_adapter
 from poststate.params import Opd, Rl, Sft
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, give_lora_weights
 
 ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
@@ -150,7 +150,7 @@ def test_rl_smoke(tiny_tokenizer, inner):
     result = _smoke(policy, method, p)
     assert "reward_mean" in result.last and "kl_ref" in result.last and "entropy" in result.last
     assert method.source.calls == (2 if inner == 1 else 1)  # a reused batch is drawn once
-    assert (method.signal._cache[1].old_logp_BT is None) == (inner == 1)  # only a reused batch stores pi_old
+    assert method.signal._cache[1].old_logp_BT is not None  # pi_old, stored by the batch's first pass
 
 
 def test_rl_reward_is_the_eval_scorer(tiny_tokenizer):
@@ -185,10 +185,7 @@ def _lora_policy(tiny_tokenizer):
     from poststate.params import Adapter
 
     policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), Adapter(kind="lora", r=4, alpha=8))
-    with torch.no_grad():  # lora_B starts at zero (a no-op adapter): give it weights, as training would
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    give_lora_weights(policy)
     return policy
 
 
