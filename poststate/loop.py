@@ -103,15 +103,22 @@ def train(
                     result.sample.extend(_sample_states(states, per_step_keep))
             sup = method.signal.supervise(states, policy)
             with acc.accumulate(model):
-                # autocast only for bf16 on a GPU: accelerate's autocast() on this CPU made fp32 steps ~20x slower
-                with acc.autocast() if acc.mixed_precision != "no" else contextlib.nullcontext():
-                    logits = model(
-                        input_ids=sup.ids_BT.to(acc.device), attention_mask=sup.attn_BT.to(acc.device)
-                    ).logits
-                loss, stats = objective(logits, sup, method.loss)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"{method.name}: non-finite loss {loss.item()} at step {step} (micro-batch {micro})")
-                acc.backward(loss)
+                loss, stats = 0.0, {}
+                for group, weight in sup.length_groups(optim.length_groups):
+                    # autocast only for bf16 on a GPU: accelerate's autocast() on this CPU made fp32 steps ~20x slower
+                    with acc.autocast() if acc.mixed_precision != "no" else contextlib.nullcontext():
+                        logits = model(
+                            input_ids=group.ids_BT.to(acc.device), attention_mask=group.attn_BT.to(acc.device)
+                        ).logits
+                    group_loss, group_stats = objective(logits, group, method.loss)
+                    if not torch.isfinite(group_loss):
+                        raise NonFiniteLoss(
+                            f"{method.name}: non-finite loss {group_loss.item()} at step {step} (micro-batch {micro})"
+                        )
+                    acc.backward(group_loss * weight)
+                    loss += group_loss.detach() * weight
+                    for k, v in group_stats.items():
+                        stats[k] = stats.get(k, 0.0) + v * weight
                 grad_norm = None
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(params, optim.max_grad_norm)

@@ -65,6 +65,34 @@ class Supervised:
     old_logp_BT: Tensor | None = None
     ref_logp_BT: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    _groups: dict[int, list[tuple[Supervised, float]]] = field(default_factory=dict, repr=False)
+
+    def length_groups(self, k: int) -> list[tuple[Supervised, float]]:
+        """The batch as up to k groups of rows of similar length (longest first), each cut to its own
+        longest row, with its weight: its share of the batch's states. Every loss here is a mean over
+        the batch's states, so the weighted sum of the groups' losses is the batch's loss, and so is
+        its gradient (up to float summation order). Cached: a reused batch (PPO inner steps) gets the
+        same groups back, with the pi_old that `objective` stored on them."""
+        if k not in self._groups:
+            n = float(self.state_BT.sum())
+            if k == 1 or n == 0 or self.ids_BT.shape[0] < 2:
+                self._groups[k] = [(self, 1.0)]
+            else:
+                lengths = self.attn_BT.cumsum(1).argmax(1) + 1  # through the last attended position
+                order = torch.argsort(lengths, descending=True, stable=True)
+                groups = []
+                for rows in order.tensor_split(min(k, len(order))):
+                    T = int(lengths[rows].max())
+                    sub = Supervised(
+                        **{
+                            name: None if (v := getattr(self, name)) is None else v[rows] if name == "adv_B" else v[rows, :T]
+                            for name in ("ids_BT", "attn_BT", "state_BT", "teacher_logp_BTV", "teacher_logp_BT", "adv_B", "old_logp_BT", "ref_logp_BT")
+                        },
+                        kind=self.kind,
+                    )
+                    groups.append((sub, float(sub.state_BT.sum()) / n))
+                self._groups[k] = groups
+        return self._groups[k]
 
 
 class StateSource(Protocol):
@@ -215,6 +243,7 @@ class RolloutStates:
         self.seed, self.calls = seed, 0
         self.gen_seconds = 0.0
         self._sampler: SamplingCopy | None = None
+        self._ahead: list[States] = []  # teacher states drawn ahead
 
     def _sampling_model(self, policy):
         """The teacher, or the learner's current weights in a plain (adapter-merged) copy."""
@@ -225,7 +254,17 @@ class RolloutStates:
         return self._sampler.sync()
 
     def draw(self, policy) -> States:
-        idx = self.epochs.take(self.prompts_per_step)
+        """The next step's states. A learner's rollouts are drawn fresh each step, from its current weights;
+        a fixed teacher's do not depend on the learner (offline states), so they are drawn for several steps
+        at once, as many as fill one generation batch (`batch_size` rollouts)."""
+        if not self._ahead:
+            per_step = self.prompts_per_step * self.samples_per_prompt
+            steps = 1 if self.origin == "learner" else max(1, self.batch_size // per_step)
+            self._ahead = self._rollouts(policy, steps)
+        return self._ahead.pop(0)
+
+    def _rollouts(self, policy, steps: int) -> list[States]:
+        idx = self.epochs.take(self.prompts_per_step * steps)
         prompts = [encode_prompt(self.tokenizer, self.rows[i]) for i in idx for _ in range(self.samples_per_prompt)]
         t0 = time.perf_counter()
         model = self._sampling_model(policy)
@@ -234,12 +273,19 @@ class RolloutStates:
         )
         self.gen_seconds += time.perf_counter() - t0
         self.calls += 1
+        n = self.prompts_per_step * self.samples_per_prompt
+        return [
+            self._states(idx[k * self.prompts_per_step : (k + 1) * self.prompts_per_step], out.prompt_ids[k * n : (k + 1) * n], out.completion_ids[k * n : (k + 1) * n])
+            for k in range(steps)
+        ]
+
+    def _states(self, idx, prompt_ids, completion_ids) -> States:
         rows = [self.rows[i] for i in idx for _ in range(self.samples_per_prompt)]
         group = [g for g in range(len(idx)) for _ in range(self.samples_per_prompt)]
         if self.cuts is None:
-            return States(self.origin, list(out.prompt_ids), [list(c) for c in out.completion_ids], rows, group, True)
+            return States(self.origin, list(prompt_ids), [list(c) for c in completion_ids], rows, group, True)
         p_ids, y_ids, r_out, g_out = [], [], [], []
-        for p, y, r, g in zip(out.prompt_ids, out.completion_ids, rows, group):
+        for p, y, r, g in zip(prompt_ids, completion_ids, rows, group):
             for c in cut_points(len(y), self.cuts.cuts, self.cuts.cut_rule, self.rng):
                 p_ids.append(list(p))
                 y_ids.append(list(y[:c]))

@@ -127,6 +127,17 @@ class Adapter(Strict):
     target_modules: list[str] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
     )
+    # How a LoRA layer computes in training; the same function and gradient either way (throughput only).
+    # "adapter": peft's x W^T + s (x A^T) B^T. "merged": x (W + s B A)^T, two big matmuls instead of four
+    # skinny ones: faster for a small model on a CPU, but it pays the full weight-gradient matmul that
+    # LoRA otherwise saves (more FLOPs on a GPU). Needs dropout 0 (dropout acts on the adapter branch only).
+    forward: Literal["adapter", "merged"] = "adapter"
+
+    @model_validator(mode="after")
+    def _merged_needs_no_dropout(self) -> Adapter:
+        if self.forward == "merged" and self.dropout > 0:
+            raise ValueError(f"adapter.forward = 'merged' needs adapter.dropout = 0, got {self.dropout}")
+        return self
 
 
 class Optim(Strict):
@@ -140,6 +151,9 @@ class Optim(Strict):
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
     max_len: int = Field(gt=8)  # longest training sequence in tokens (longer ones are left-truncated)
+    # Throughput only: each micro-batch runs as this many length-sorted groups, each padded to its own
+    # longest sequence, with the batch's gradient (group losses weighted by their share of the states).
+    length_groups: int = Field(default=1, gt=0)
     adapter: Adapter
 
 

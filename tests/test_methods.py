@@ -95,9 +95,9 @@ def _smoke(model, method, p, steps=2):
     return result
 
 
-@pytest.mark.parametrize("adapter", [LORA, {"kind": "full"}])
+@pytest.mark.parametrize("adapter", [LORA, {**LORA, "forward": "merged"}, {"kind": "full"}], ids=["lora", "lora_merged", "full"])
 def test_sft_smoke_lora_and_full(tiny_tokenizer, adapter):
-    p = Sft.model_validate(dict(OPTIM, adapter=adapter, epochs=1))
+    p = Sft.model_validate(dict(OPTIM, adapter=adapter, epochs=1, length_groups=2))
     model = with_adapter(build_tiny_model(tiny_tokenizer), p.adapter)
     trainable = [n for n, q in model.named_parameters() if q.requires_grad]
     if adapter["kind"] == "lora":
@@ -142,7 +142,7 @@ def rl_params(**over) -> Rl:
 
 @pytest.mark.parametrize("inner", [1, 2])
 def test_rl_smoke(tiny_tokenizer, inner):
-    p = rl_params(inner_steps=inner)
+    p = rl_params(inner_steps=inner, length_groups=inner)  # inner 2: reused batches run as 2 length groups
     # reward 1 for even-length answers: a signal with spread on a random model
     policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), p.adapter)
     method = methods.rl_method("rl", ROWS, tiny_tokenizer, p, seed=0)
@@ -150,7 +150,8 @@ def test_rl_smoke(tiny_tokenizer, inner):
     result = _smoke(policy, method, p)
     assert "reward_mean" in result.last and "kl_ref" in result.last and "entropy" in result.last
     assert method.source.calls == (2 if inner == 1 else 1)  # a reused batch is drawn once
-    assert method.signal._cache[1].old_logp_BT is not None  # pi_old, stored by the batch's first pass
+    groups = method.signal._cache[1].length_groups(p.length_groups)  # pi_old, stored by the batch's first pass
+    assert all(g.old_logp_BT is not None for g, _ in groups)
 
 
 def test_rl_reward_is_the_eval_scorer(tiny_tokenizer):
@@ -238,3 +239,125 @@ def test_learner_rollouts_come_from_the_current_policy(tiny_tokenizer):
     moved = again.draw(policy)
     source.calls, source.epochs, source.rng = 0, methods.Epochs(len(ROWS), 7), random.Random(7)  # rewind the reused source
     assert source.draw(policy).prefix_ids == moved.prefix_ids != first.prefix_ids  # a reused source re-syncs
+
+
+# --------------------------------------------------------------------------- throughput options: same step
+
+
+def _supervised(tiny_tokenizer, kind: str):
+    """A real batch of each supervision kind, with rows of different lengths."""
+    model = build_tiny_model(tiny_tokenizer, init_std=0.5)
+    if kind == "tokens":
+        rows = ROWS + [{"question": "Ann has 2 pens. How many?", "answer": "#### 2"}, {"question": "Bo has 5 cups and 1 more.", "answer": "5 + 1 = 6.\n#### 6"}]
+        method = methods.sft_method("sft", rows, tiny_tokenizer, Sft.model_validate(dict(OPTIM, adapter=LORA, epochs=1)), 0)
+    elif kind == "reward":
+        method = methods.rl_method("rl", ROWS, tiny_tokenizer, rl_params(), seed=0)
+        method.signal.reward_fn = lambda text, answer: float(len(text) % 2 == 0)
+    else:
+        over = {"distribution": {"signal": "token_kl"}, "sampled_kl": {"signal": "token_kl", "kl": {"estimator": "sampled"}}}[kind]
+        teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5).requires_grad_(False)
+        method = methods.opd_method("opd", ROWS * 2, tiny_tokenizer, teacher, opd_params(prompts_per_step=4, **over), seed=0)
+    policy = with_adapter(model, Sft.model_validate(dict(OPTIM, adapter=LORA, epochs=1)).adapter)
+    give_lora_weights(policy)
+    sup = method.signal.supervise(method.source.draw(policy), policy)
+    assert sup.kind == kind
+    return policy, sup, method.loss
+
+
+def _loss_and_grads(policy, sup, cfg, k):
+    policy.zero_grad(set_to_none=True)
+    total, stats = 0.0, {}
+    for group, weight in sup.length_groups(k):
+        loss, st = methods.objective(policy(input_ids=group.ids_BT, attention_mask=group.attn_BT).logits, group, cfg)
+        (loss * weight).backward()
+        total += float(loss) * weight
+        for name, v in st.items():
+            stats[name] = stats.get(name, 0.0) + v * weight
+    return total, stats, {n: q.grad.clone() for n, q in policy.named_parameters() if q.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["tokens", "distribution", "sampled_kl", "reward"])
+def test_length_groups_give_the_whole_batch_loss_and_gradient(tiny_tokenizer, kind):
+    policy, sup, cfg = _supervised(tiny_tokenizer, kind)
+    lengths = sup.attn_BT.sum(1)
+    assert lengths.min() < lengths.max()  # a batch with padding to save
+    whole = _loss_and_grads(policy, copy.deepcopy(sup), cfg, 1)
+    for k in (2, 3):
+        fresh = copy.deepcopy(sup)  # pi_old (reward) is stored per group: start from the batch as drawn
+        groups = fresh.length_groups(k)
+        assert len(groups) == k and abs(sum(w for _, w in groups) - 1.0) < 1e-9
+        assert sum(g.ids_BT.numel() for g, _ in groups) < sup.ids_BT.numel()  # less padding forwarded
+        rows = sorted(tuple(g.ids_BT[i, : int(g.attn_BT[i].sum())].tolist()) for g, _ in groups for i in range(len(g.ids_BT)))
+        assert rows == sorted(tuple(sup.ids_BT[i, : int(sup.attn_BT[i].sum())].tolist()) for i in range(len(sup.ids_BT)))
+        loss, stats, grads = _loss_and_grads(policy, fresh, cfg, k)
+        assert loss == pytest.approx(whole[0], rel=1e-5, abs=1e-7)
+        assert stats.keys() == whole[1].keys() and all(stats[s] == pytest.approx(whole[1][s], rel=1e-5, abs=1e-6) for s in stats)
+        for name, g in grads.items():
+            assert torch.allclose(g, whole[2][name], rtol=1e-4, atol=1e-7), name
+
+
+def test_length_groups_are_kept_with_their_pi_old(tiny_tokenizer):
+    policy, sup, cfg = _supervised(tiny_tokenizer, "reward")
+    first = sup.length_groups(2)
+    _loss_and_grads(policy, sup, cfg, 2)
+    again = sup.length_groups(2)
+    assert [g for g, _ in again] == [g for g, _ in first] and all(g.old_logp_BT is not None for g, _ in again)
+    with torch.no_grad():  # a step: the reused batch's ratio is now taken against the stored pi_old
+        for n, q in policy.named_parameters():
+            if "lora_B" in n:
+                q.mul_(3.0)
+    assert _loss_and_grads(policy, sup, cfg, 2)[1]["clip_frac"] > 0
+
+
+def test_merged_lora_forward_is_peft_lora(tiny_tokenizer, tmp_path):
+    from poststate.modeling import SamplingCopy
+    from poststate.params import Adapter
+
+    plain = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.1), Adapter(**LORA))
+    give_lora_weights(plain)
+    merged = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.1), Adapter(**LORA, forward="merged"))
+    merged.load_state_dict(plain.state_dict())
+    assert merged.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    attn = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    want, got = plain(input_ids=ids, attention_mask=attn).logits, merged(input_ids=ids, attention_mask=attn).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    want.logsumexp(-1).sum().backward()
+    got.logsumexp(-1).sum().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), merged.named_parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:  # float rounding differs (B A is formed first), relative to the gradient's scale
+            assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), n
+    with merged.disable_adapter(), plain.disable_adapter():
+        assert torch.equal(merged(input_ids=ids).logits, plain(input_ids=ids).logits)  # the base model
+    assert torch.allclose(SamplingCopy(merged).sync()(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+    plain.save_pretrained(tmp_path / "plain")
+    merged.save_pretrained(tmp_path / "merged")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "merged" / f).read_bytes(), f
+
+
+def test_merged_lora_forward_refuses_dropout():
+    from pydantic import ValidationError
+
+    from poststate.params import Adapter
+
+    with pytest.raises(ValidationError, match="dropout"):
+        Adapter(kind="lora", dropout=0.1, forward="merged")
+
+
+def test_teacher_states_are_drawn_ahead_learner_states_each_step(tiny_tokenizer):
+    p = rl_params()
+    teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5)
+    rows = ROWS * 3  # 6 prompts: one epoch of the seeded shuffle
+    ahead = methods.RolloutStates("teacher", rows, tiny_tokenizer, p.rollout, 2, 1, 7, batch_size=4, teacher=teacher)
+    draws = [ahead.draw(None) for _ in range(3)]
+    assert ahead.calls == 2  # 4 rollouts fill a generation batch: two steps per generate call
+    order = methods.Epochs(len(rows), 7).take(6)
+    for k, st in enumerate(draws):
+        assert st.origin == "teacher" and st.group == [0, 1]
+        assert st.rows == [rows[i] for i in order[2 * k : 2 * k + 2]]  # the prompt stream, in step order
+    learner = methods.RolloutStates("learner", rows, tiny_tokenizer, p.rollout, 2, 1, 7, batch_size=4)
+    for _ in range(3):
+        learner.draw(build_tiny_model(tiny_tokenizer, init_std=0.5))
+    assert learner.calls == 3
