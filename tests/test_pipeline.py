@@ -124,3 +124,12 @@ def test_rerun_with_same_params_gives_identical_report(repo):
     sh(["dvc", "repro", "--force", "--downstream", "sft@mild"], repo)
     assert (repo / "metrics/report.json").read_bytes() == before
     assert "Running stage" not in sh(["dvc", "repro"], repo).stdout
+
+
+def test_every_eval_of_a_run_depends_on_the_base_eval_it_reads():
+    """eval.py reads evals/base/rollouts.jsonl (the drift reference) for every run but the base: DVC must
+    know, or `dvc repro eval@<run>` could run before (or without) the base's eval."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "evals/base" in stages["eval_base"]["outs"] and stages["eval_base"]["cmd"] == "python stages/eval.py base"
+    assert "base" not in stages["eval"]["foreach"] and "evals/base" in stages["eval"]["do"]["deps"]
+    assert sorted(["base", *stages["eval"]["foreach"]]) == sorted(RUNS)
