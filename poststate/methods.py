@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -83,13 +83,8 @@ class Supervised:
                 groups = []
                 for rows in order.tensor_split(min(k, len(order))):
                     T = int(lengths[rows].max())
-                    sub = Supervised(
-                        **{
-                            name: None if (v := getattr(self, name)) is None else v[rows] if name == "adv_B" else v[rows, :T]
-                            for name in ("ids_BT", "attn_BT", "state_BT", "teacher_logp_BTV", "teacher_logp_BT", "adv_B", "old_logp_BT", "ref_logp_BT")
-                        },
-                        kind=self.kind,
-                    )
+                    per_row = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+                    sub = Supervised(**{k: v[rows] if v.ndim == 1 else v[rows, :T] for k, v in per_row.items()}, kind=self.kind)
                     groups.append((sub, float(sub.state_BT.sum()) / n))
                 self._groups[k] = groups
         return self._groups[k]
@@ -237,6 +232,7 @@ class RolloutStates:
             max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p, stop=GSM8K_STOPS
         )
         self.prompts_per_step, self.samples_per_prompt = prompts_per_step, samples_per_prompt
+        self.per_step = prompts_per_step * samples_per_prompt  # rollouts per step
         self.cuts, self.teacher, self.batch_size = cuts, teacher, batch_size
         self.rng = random.Random(seed)  # cut points
         self.epochs = Epochs(len(rows), seed)
@@ -258,8 +254,7 @@ class RolloutStates:
         a fixed teacher's do not depend on the learner (offline states), so they are drawn for several steps
         at once, as many as fill one generation batch (`batch_size` rollouts)."""
         if not self._ahead:
-            per_step = self.prompts_per_step * self.samples_per_prompt
-            steps = 1 if self.origin == "learner" else max(1, self.batch_size // per_step)
+            steps = 1 if self.origin == "learner" else max(1, self.batch_size // self.per_step)
             self._ahead = self._rollouts(policy, steps)
         return self._ahead.pop(0)
 
@@ -273,11 +268,8 @@ class RolloutStates:
         )
         self.gen_seconds += time.perf_counter() - t0
         self.calls += 1
-        n = self.prompts_per_step * self.samples_per_prompt
-        return [
-            self._states(idx[k * self.prompts_per_step : (k + 1) * self.prompts_per_step], out.prompt_ids[k * n : (k + 1) * n], out.completion_ids[k * n : (k + 1) * n])
-            for k in range(steps)
-        ]
+        n, m = self.prompts_per_step, self.per_step
+        return [self._states(idx[k * n : (k + 1) * n], out.prompt_ids[k * m : (k + 1) * m], out.completion_ids[k * m : (k + 1) * m]) for k in range(steps)]
 
     def _states(self, idx, prompt_ids, completion_ids) -> States:
         rows = [self.rows[i] for i in idx for _ in range(self.samples_per_prompt)]

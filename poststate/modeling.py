@@ -114,20 +114,18 @@ def merged_lora_linear() -> type:
     """peft's LoRA `Linear`, computing x (W + s B A)^T instead of x W^T + s (x A^T) B^T (`adapter.forward:
     merged`). Same parameters, state dict, merge and save; same function and gradients up to float
     rounding. Tiny base, SFT batches of 32, 2 CPU cores: 344 ms a step against peft's 409 (means of 3
-    rounds, perf/train_step.py).
-    Anything but the plain case (adapter disabled or merged, several active adapters, dropout, DoRA,
-    LoRA bias, extra forward arguments) takes peft's own forward."""
+    rounds, perf/train_step.py). `with_adapter` builds it only for plain LoRA without dropout (validated in
+    `Adapter`); an adapter that is disabled or merged, several active adapters, or extra forward
+    arguments take peft's own forward."""
     import torch.nn.functional as F
     from peft.tuners.lora import Linear
 
     class MergedLoraLinear(Linear):
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             names = [a for a in self.active_adapters if a in self.lora_A]
-            if self.disable_adapters or self.merged or args or kwargs or len(names) != 1 or self.fan_in_fan_out:
+            if self.disable_adapters or self.merged or args or kwargs or len(names) != 1:
                 return super().forward(x, *args, **kwargs)
             (a,) = names
-            if self.lora_variant.get(a) is not None or self.lora_bias.get(a) or not isinstance(self.lora_dropout[a], torch.nn.Identity):
-                return super().forward(x, *args, **kwargs)
             base = self.get_base_layer()
             return F.linear(x, base.weight + self.get_delta_weight(a), base.bias)
 
