@@ -1,4 +1,4 @@
-"""State-drift diagnostics: MMD of prefix states (lexical and hidden-state), forward KL, locality, flips.
+"""State-drift diagnostics: MMD of prefix states (lexical and hidden-state), forward KL, locality.
 
 The paper's drift number: sample rollouts from each model on a fixed prompt set, take prefix states,
 featurise them with "lightweight lexical features" and report the RBF-kernel MMD to the base model's
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -306,22 +306,3 @@ def forward_kl(
         total += float(kl_BT[scored_BT].double().sum())
         count += int(scored_BT.sum())
     return total / count
-
-
-# ---------------------------------------------------------------- flips
-
-
-def flip_counts(base: Mapping[Hashable, bool], run: Mapping[Hashable, bool]) -> dict[str, int]:
-    """Per-item flips between a base and a run on the same items: right_to_wrong (base right, run wrong),
-    wrong_to_right (base wrong, run right), and n items."""
-    if set(base) != set(run):
-        only_base = sorted(map(str, set(base) - set(run)))[:5]
-        only_run = sorted(map(str, set(run) - set(base)))[:5]
-        raise ValueError(f"flip_counts: item ids differ (only in base: {only_base}, only in run: {only_run})")
-    for name, table in (("base", base), ("run", run)):
-        bad = [k for k, v in table.items() if not isinstance(v, (bool, np.bool_))]
-        if bad:
-            raise ValueError(f"flip_counts: {name} values must be bool, item {bad[0]!r} is {table[bad[0]]!r}")
-    r2w = sum(1 for k in base if base[k] and not run[k])
-    w2r = sum(1 for k in base if not base[k] and run[k])
-    return {"right_to_wrong": r2w, "wrong_to_right": w2r, "n": len(base)}

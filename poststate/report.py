@@ -30,9 +30,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 
-from poststate.drift import flip_counts
 from poststate.params import ReportRules
-from poststate.stats import binomial_stderr, normal_ci, paired_diff, paired_ratio, t_ci
+from poststate.stats import binomial_stderr, flip_counts, normal_ci, paired_diff, paired_ratio, t_ci
 
 RUNS: tuple[str, ...] = ("base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "rl")
 RUN_LABELS: dict[str, str] = {

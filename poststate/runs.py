@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from poststate.artifacts import atomic_dir, atomic_write_json, lineage, read_jsonl, write_jsonl  # noqa: F401 (re-exported for stages)
 
@@ -22,6 +21,8 @@ TRAIN_LOGS = Path("metrics/train")
 
 
 def seed_everything(seed: int) -> None:
+    import torch  # here, not at the top: stages that train nothing (prepare, teacher, report) never load torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -219,3 +219,19 @@ def bootstrap_ci(
     alpha = 1.0 - level
     lo, hi = np.quantile(boots, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(stat(arr)), float(lo), float(hi)
+
+
+def flip_counts(base: Mapping[Hashable, bool], run: Mapping[Hashable, bool]) -> dict[str, int]:
+    """Per-item flips between a base and a run on the same items: right_to_wrong (base right, run wrong),
+    wrong_to_right (base wrong, run right), and n items."""
+    if set(base) != set(run):
+        only_base = sorted(map(str, set(base) - set(run)))[:5]
+        only_run = sorted(map(str, set(run) - set(base)))[:5]
+        raise ValueError(f"flip_counts: item ids differ (only in base: {only_base}, only in run: {only_run})")
+    for name, table in (("base", base), ("run", run)):
+        bad = [k for k, v in table.items() if not isinstance(v, (bool, np.bool_))]
+        if bad:
+            raise ValueError(f"flip_counts: {name} values must be bool, item {bad[0]!r} is {table[bad[0]]!r}")
+    r2w = sum(1 for k in base if base[k] and not run[k])
+    w2r = sum(1 for k in base if not base[k] and run[k])
+    return {"right_to_wrong": r2w, "wrong_to_right": w2r, "n": len(base)}

@@ -5,30 +5,38 @@ Per seed: harness scores with stderr and n, per-item records (for flips), rollou
 prompt set (the paper's drift states), and, against the base: lexical and hidden-state MMD of prefix
 states, forward KL(base || run) on base samples, and the base model's NLL of the states the run trained on.
 
-    python stages/eval.py sft_mild      # writes evals/sft_mild/ and metrics/eval/sft_mild.json
+An eval is a function of the model's files (weights, config, tokenizer) and of the eval params, data and
+seed. `--same-as <run>` names a run whose model is expected to be the same one, as the tiny profile's
+teacher is its stress SFT run: where every seed's model files match that run's byte for byte, its eval is
+copied with a `reused.json` record, otherwise the run is evaluated. The heavy imports (torch,
+transformers) are local to the functions that evaluate, so a reused eval loads neither.
+
+    python stages/eval.py sft_mild                      # writes evals/sft_mild/ and metrics/eval/sft_mild.json
+    python stages/eval.py teacher --same-as sft_stress  # the teacher's eval, reused where its model is that run's
 """
 
+import filecmp
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from poststate import drift
 from poststate.artifacts import atomic_dir, atomic_write_json
-from poststate.evaluation import evaluate
-from poststate.methods import encode_prompt
-from poststate.modeling import load_model, load_tokenizer
 from poststate.params import load_section, read_params, seeds
-from poststate.prompts import GSM8K_STOPS
-from poststate.rollout import HFRolloutEngine, SamplingParams
 from poststate.runs import DATA, read_jsonl, run_dir, write_jsonl
 
 EVALS = Path("evals")
+RUN_ONLY = ("lineage.json", "train_states.jsonl")  # a run's record of how it was made, not its model
 
 
 def rollouts(model, tok, rows, p, batch_size: int, seed: int) -> list[dict]:
     """The drift prompt set's rollouts (sampled, seeded): prompt and completion ids and text."""
+    from poststate.methods import encode_prompt
+    from poststate.prompts import GSM8K_STOPS
+    from poststate.rollout import HFRolloutEngine, SamplingParams
+
     prompts = [encode_prompt(tok, r) for r in rows]
     sp = SamplingParams(max_new_tokens=p.rollout.max_new_tokens, temperature=p.rollout.temperature, top_p=p.rollout.top_p, stop=GSM8K_STOPS)
     out = HFRolloutEngine(model, tok, batch_size).generate(prompts, sp, seed=seed)
@@ -52,6 +60,8 @@ def train_states(run_path: Path) -> list[dict]:
 
 def diagnostics(base, model, tok, base_roll, roll, states, p, seed: int) -> dict[str, float]:
     """Drift of a run's rollout states from the base's, and the locality of its training states."""
+    from poststate import drift
+
     d = p.drift
     s_base = drift.prefix_states([r["prompt"] for r in base_roll], [r["completion"] for r in base_roll], d.cuts, seed)
     s_run = drift.prefix_states([r["prompt"] for r in roll], [r["completion"] for r in roll], d.cuts, seed)
@@ -76,12 +86,45 @@ def diagnostics(base, model, tok, base_roll, roll, states, p, seed: int) -> dict
     return out
 
 
-def main(run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd_stress")) -> None:
+def model_files(path: Path) -> list[str]:
+    return sorted(f.name for f in path.iterdir() if f.is_file() and f.name not in RUN_ONLY)
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """The same model files, byte for byte (lineage aside), and the same training states to score."""
+    if not (a.is_dir() and b.is_dir()) or model_files(a) != model_files(b):
+        return False
+    return all(filecmp.cmp(a / f, b / f, shallow=False) for f in model_files(a)) and train_states(a) == train_states(b)
+
+
+def reuse_eval(run: str, same_as: str, run_seeds: list[int]) -> list[dict]:
+    """Copy `same_as`'s eval of every seed into evals/<run>/ (with a reused.json record); its scores."""
+    missing = [EVALS / same_as / f"s{s}" / "scores.json" for s in run_seeds if not (EVALS / same_as / f"s{s}" / "scores.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: not found - evaluate {same_as} first (dvc repro eval@{same_as})")
+    per_seed = []
+    with atomic_dir(EVALS / run) as tmp:
+        for seed in run_seeds:
+            src, out = EVALS / same_as / f"s{seed}", tmp / f"s{seed}"
+            shutil.copytree(src, out)
+            atomic_write_json(out / "reused.json", {
+                "eval": src.as_posix(),
+                "reason": f"{run_dir(run, seed).as_posix()} has the model files of {run_dir(same_as, seed).as_posix()}, byte for byte",
+            })
+            per_seed.append(json.loads((out / "scores.json").read_text()))
+            typer.echo(f"{run} s{seed}: the same model as {same_as} s{seed}; its eval reused ({src})")
+    return per_seed
+
+
+def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
+    """Evaluate every seed of a run into evals/<run>/; the scores per seed."""
+    from poststate.evaluation import evaluate
+    from poststate.modeling import load_model, load_tokenizer
+
     p = load_section("eval")
     tok = load_tokenizer(run_dir("base", None))
     base = load_model(run_dir("base", None)).eval()
     drift_rows = read_jsonl(DATA / "gsm8k/test.jsonl")[: p.drift.prompts]
-    run_seeds = [None] if run == "base" else seeds(read_params())
     per_seed = []
     with atomic_dir(EVALS / run) as tmp:
         for seed in run_seeds:
@@ -102,6 +145,20 @@ def main(run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd
             write_jsonl(out / "rollouts.jsonl", roll)
             per_seed.append(scores)
             typer.echo(f"{run} s{seed}: " + ", ".join(f"{k}={scores[k]:.3f}" for k in ("gsm8k_strict", "truthfulqa_mc1", "mmlu_acc")))
+    return per_seed
+
+
+def main(
+    run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd_stress"),
+    same_as: str = typer.Option(None, "--same-as", help="a run whose eval to reuse if this run's model files are its own"),
+) -> None:
+    run_seeds = [None] if run == "base" else seeds(read_params())
+    if same_as is not None and run == "base":
+        raise typer.BadParameter("the base is the drift reference: it is always evaluated", param_hint="--same-as")
+    if same_as is not None and all(same_model(run_dir(run, s), run_dir(same_as, s)) for s in run_seeds):
+        per_seed = reuse_eval(run, same_as, run_seeds)
+    else:
+        per_seed = evaluate_run(run, run_seeds)
     summary = {k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]}
     summary["seeds"] = len(per_seed)
     atomic_write_json(Path("metrics/eval") / f"{run}.json", summary)

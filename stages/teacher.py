@@ -2,23 +2,43 @@
 uses the stress run), with its LoRA adapter merged for fast inference.
 
     python stages/teacher.py            # writes models/teacher/s<seed>/
+
+A source without an adapter (the tiny profile's full fine-tuning) is already a merged model: its files
+are copied as they are (the bytes `save_pretrained` would write again), without loading torch.
 """
+
+import shutil
 
 import typer
 
-from poststate.modeling import load_model, load_tokenizer
+from poststate.artifacts import atomic_dir, atomic_write_json, lineage
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import run_dir, save_run
+from poststate.runs import run_dir
+
+RUN_ONLY = ("lineage.json", "train_states.jsonl")  # the source run's own record, not part of the model
 
 
 def main() -> None:
     p = load_section("teacher")
     for seed in seeds(read_params()):
-        src = run_dir(f"sft_{p.source}", seed)
-        model, tok = load_model(src), load_tokenizer(src)
-        save_run(model, tok, run_dir("teacher", seed), kind="teacher", params=p.model_dump(mode="json"), seed=seed,
-                 parents={f"sft_{p.source}": src}, data={}, merge=True)
-        typer.echo(f"teacher s{seed} <- {src} (merged)")
+        src, out = run_dir(f"sft_{p.source}", seed), run_dir("teacher", seed)
+        record = dict(kind="teacher", params=p.model_dump(mode="json"), seed=seed, parents={f"sft_{p.source}": src}, data={})
+        if (src / "adapter_config.json").exists():
+            from poststate.modeling import load_model, load_tokenizer
+            from poststate.runs import save_run
+
+            save_run(load_model(src), load_tokenizer(src), out, **record, merge=True)
+            how = "adapter merged"
+        else:
+            if not (src / "config.json").exists():
+                raise FileNotFoundError(f"{src}: no config.json or adapter_config.json - not a model directory")
+            with atomic_dir(out) as tmp:
+                for f in sorted(src.iterdir()):
+                    if f.is_file() and f.name not in RUN_ONLY:
+                        shutil.copy2(f, tmp / f.name)
+                atomic_write_json(tmp / "lineage.json", lineage(**record))
+            how = "no adapter: files copied"
+        typer.echo(f"teacher s{seed} <- {src} ({how})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from poststate.drift import (
-    flip_counts,
     forward_kl,
     hidden_features,
     lexical_features,
@@ -107,19 +106,6 @@ def test_prefix_states_word_boundaries_and_determinism():
     assert set(many) == allowed0  # every cut is reachable
     with pytest.raises(ValueError, match="2 prompts but 1"):
         prefix_states(prompts[:2], completions[:1], 1, 0)
-
-
-# ---------------------------------------------------------------- flips
-
-
-def test_flip_counts_small_table():
-    base = {"m/0": True, "m/1": True, "m/2": False, "m/3": False, "m/4": True}
-    run = {"m/0": True, "m/1": False, "m/2": True, "m/3": False, "m/4": False}
-    assert flip_counts(base, run) == {"right_to_wrong": 2, "wrong_to_right": 1, "n": 5}
-    with pytest.raises(ValueError, match="m/4"):
-        flip_counts(base, {k: v for k, v in run.items() if k != "m/4"})
-    with pytest.raises(ValueError, match="bool"):
-        flip_counts(base, {**run, "m/0": 1.0})
 
 
 # ---------------------------------------------------------------- model diagnostics on tiny Qwen3

@@ -132,4 +132,13 @@ def test_every_eval_of_a_run_depends_on_the_base_eval_it_reads():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "evals/base" in stages["eval_base"]["outs"] and stages["eval_base"]["cmd"] == "python stages/eval.py base"
     assert "base" not in stages["eval"]["foreach"] and "evals/base" in stages["eval"]["do"]["deps"]
-    assert sorted(["base", *stages["eval"]["foreach"]]) == sorted(RUNS)
+    assert "evals/base" in stages["eval_teacher"]["deps"]
+    assert sorted(["base", "teacher", *stages["eval"]["foreach"]]) == sorted(RUNS)
+
+
+def test_the_teacher_eval_depends_on_the_run_whose_eval_it_may_reuse():
+    """eval.py teacher --same-as sft_<source> reads that run's model and eval: both are declared deps."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["eval_teacher"]
+    assert stage["cmd"] == "python stages/eval.py teacher --same-as sft_${teacher.source}"
+    assert {"models/teacher", "models/sft_${teacher.source}", "evals/sft_${teacher.source}"} <= set(stage["deps"])
+    assert stage["outs"] == ["evals/teacher"]

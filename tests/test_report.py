@@ -6,7 +6,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from poststate.drift import flip_counts
+from poststate.stats import flip_counts
 from poststate.report import (
     PAPER_TABLE2,
     RUN_LABELS,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from poststate.stats import (
+    flip_counts,
     binomial_stderr,
     bootstrap_ci,
     mean_stderr,
@@ -136,3 +137,13 @@ def test_bootstrap_ci_is_seeded_and_sane():
     assert (hi - lo) / 2 == pytest.approx(1.96 * xs.std() / math.sqrt(20), rel=0.15)
     med = bootstrap_ci(xs, stat=np.median, n_boot=200, seed=0)
     assert med[0] == pytest.approx(9.5)
+
+
+def test_flip_counts_small_table():
+    base = {"m/0": True, "m/1": True, "m/2": False, "m/3": False, "m/4": True}
+    run = {"m/0": True, "m/1": False, "m/2": True, "m/3": False, "m/4": False}
+    assert flip_counts(base, run) == {"right_to_wrong": 2, "wrong_to_right": 1, "n": 5}
+    with pytest.raises(ValueError, match="m/4"):
+        flip_counts(base, {k: v for k, v in run.items() if k != "m/4"})
+    with pytest.raises(ValueError, match="bool"):
+        flip_counts(base, {**run, "m/0": 1.0})
