@@ -150,7 +150,7 @@ def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
 
 def main(
     run: str = typer.Argument(..., help="run name, e.g. base, sft_mild, opd_stress"),
-    same_as: str = typer.Option(None, "--same-as", help="a run whose eval to reuse if this run's model files are its own"),
+    same_as: str | None = typer.Option(None, "--same-as", help="reuse this run's eval where the model files are byte-identical to its own"),
 ) -> None:
     run_seeds = [None] if run == "base" else seeds(read_params())
     if same_as is not None and run == "base":
