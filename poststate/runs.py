@@ -32,6 +32,12 @@ def run_dir(run: str, seed: int | None) -> Path:
     return MODELS / run if seed is None else MODELS / run / f"s{seed}"
 
 
+def model_files(path: Path) -> list[Path]:
+    """The files of a saved model (weights, config, tokenizer), without the run's own record of how it
+    was made (`lineage.json`, the sample of training states) that `save_run` writes beside them."""
+    return sorted(f for f in Path(path).iterdir() if f.is_file() and f.name not in ("lineage.json", "train_states.jsonl"))
+
+
 def live(run: str, seed: int):
     """DVCLive logger for one run and seed; `dvcyaml=False` so it never rewrites dvc.yaml (the curves
     are declared there as plots), no Studio, no git commits of its own."""

@@ -25,10 +25,9 @@ import typer
 
 from poststate.artifacts import atomic_dir, atomic_write_json
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, read_jsonl, run_dir, write_jsonl
+from poststate.runs import DATA, model_files, read_jsonl, run_dir, write_jsonl
 
 EVALS = Path("evals")
-RUN_ONLY = ("lineage.json", "train_states.jsonl")  # a run's record of how it was made, not its model
 
 
 def rollouts(model, tok, rows, p, batch_size: int, seed: int) -> list[dict]:
@@ -86,15 +85,14 @@ def diagnostics(base, model, tok, base_roll, roll, states, p, seed: int) -> dict
     return out
 
 
-def model_files(path: Path) -> list[str]:
-    return sorted(f.name for f in path.iterdir() if f.is_file() and f.name not in RUN_ONLY)
-
-
 def same_model(a: Path, b: Path) -> bool:
     """The same model files, byte for byte (lineage aside), and the same training states to score."""
-    if not (a.is_dir() and b.is_dir()) or model_files(a) != model_files(b):
+    if not (a.is_dir() and b.is_dir()):
         return False
-    return all(filecmp.cmp(a / f, b / f, shallow=False) for f in model_files(a)) and train_states(a) == train_states(b)
+    names = [f.name for f in model_files(a)]
+    if names != [f.name for f in model_files(b)]:
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names) and train_states(a) == train_states(b)
 
 
 def reuse_eval(run: str, same_as: str, run_seeds: list[int]) -> list[dict]:

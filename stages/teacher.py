@@ -13,9 +13,7 @@ import typer
 
 from poststate.artifacts import atomic_dir, atomic_write_json, lineage
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import run_dir
-
-RUN_ONLY = ("lineage.json", "train_states.jsonl")  # the source run's own record, not part of the model
+from poststate.runs import model_files, run_dir
 
 
 def main() -> None:
@@ -33,9 +31,8 @@ def main() -> None:
             if not (src / "config.json").exists():
                 raise FileNotFoundError(f"{src}: no config.json or adapter_config.json - not a model directory")
             with atomic_dir(out) as tmp:
-                for f in sorted(src.iterdir()):
-                    if f.is_file() and f.name not in RUN_ONLY:
-                        shutil.copy2(f, tmp / f.name)
+                for f in model_files(src):
+                    shutil.copy2(f, tmp / f.name)
                 atomic_write_json(tmp / "lineage.json", lineage(**record))
             how = "no adapter: files copied"
         typer.echo(f"teacher s{seed} <- {src} ({how})")
