@@ -80,11 +80,11 @@ class Supervised:
             else:
                 lengths = self.attn_BT.cumsum(1).argmax(1) + 1  # through the last attended position
                 order = torch.argsort(lengths, descending=True, stable=True)
+                tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
                 groups = []
                 for rows in order.tensor_split(min(k, len(order))):
                     T = int(lengths[rows].max())
-                    per_row = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-                    sub = Supervised(**{k: v[rows] if v.ndim == 1 else v[rows, :T] for k, v in per_row.items()}, kind=self.kind)
+                    sub = Supervised(**{name: v[rows] if v.ndim == 1 else v[rows, :T] for name, v in tensors.items()}, kind=self.kind)
                     groups.append((sub, float(sub.state_BT.sum()) / n))
                 self._groups[k] = groups
         return self._groups[k]

@@ -97,7 +97,7 @@ def same_model(a: Path, b: Path) -> bool:
 
 def reuse_eval(run: str, same_as: str, run_seeds: list[int]) -> list[dict]:
     """Copy `same_as`'s eval of every seed into evals/<run>/ (with a reused.json record); its scores."""
-    missing = [EVALS / same_as / f"s{s}" / "scores.json" for s in run_seeds if not (EVALS / same_as / f"s{s}" / "scores.json").is_file()]
+    missing = [f for f in (EVALS / same_as / f"s{s}" / "scores.json" for s in run_seeds) if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: not found - evaluate {same_as} first (dvc repro eval@{same_as})")
     per_seed = []

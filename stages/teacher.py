@@ -13,7 +13,7 @@ import typer
 
 from poststate.artifacts import atomic_dir, atomic_write_json, lineage
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import model_files, run_dir
+from poststate.runs import model_files, run_dir, save_run
 
 
 def main() -> None:
@@ -22,8 +22,7 @@ def main() -> None:
         src, out = run_dir(f"sft_{p.source}", seed), run_dir("teacher", seed)
         record = dict(kind="teacher", params=p.model_dump(mode="json"), seed=seed, parents={f"sft_{p.source}": src}, data={})
         if (src / "adapter_config.json").exists():
-            from poststate.modeling import load_model, load_tokenizer
-            from poststate.runs import save_run
+            from poststate.modeling import load_model, load_tokenizer  # torch and peft: only to merge an adapter
 
             save_run(load_model(src), load_tokenizer(src), out, **record, merge=True)
             how = "adapter merged"
