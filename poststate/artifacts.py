@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import poststate
+from poststate.trace import trace
 
 CODE_ROOTS = ("poststate", "stages")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    trace("write", path=Path(path).as_posix())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -73,6 +75,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    trace("write", path=final.as_posix())
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
@@ -132,3 +135,25 @@ def lineage(
         "data": {k: {"path": p.as_posix(), "sha256": tree_sha256(p)} for k, p in (data or {}).items()},
         **(extra or {}),
     }
+
+
+# Keys `from_pretrained` records in a tokenizer's init kwargs about how it was loaded, not what it is;
+# `save_pretrained` writes them back to tokenizer_config.json. `local_files_only` is True whenever
+# HF_HUB_OFFLINE is set, `is_local` tells a Hub download from a directory: left in, they make the same
+# tokenizer's bytes (and every model's DVC hash) depend on the environment it was loaded in.
+TOKENIZER_LOAD_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "proxies", "token",
+                       "revision", "subfolder", "trust_remote_code", "_commit_hash", "_from_auto")
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """`tokenizer.save_pretrained(out)`, then tokenizer_config.json rewritten without TOKENIZER_LOAD_KEYS
+    (in transformers' own layout: indent 2, sorted keys, a final newline). The same tokenizer gives the same
+    bytes whatever the environment (HF_HUB_OFFLINE, HF_HOME, the working directory) and wherever it was
+    loaded from; it reloads the same, as `from_pretrained` sets those keys afresh on every load."""
+    out = Path(out)
+    tokenizer.save_pretrained(out)
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in TOKENIZER_LOAD_KEYS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from poststate.params import Adapter, TinyModel
+if TYPE_CHECKING:  # params (pydantic) only for annotations: the core imports with torch, transformers, peft, accelerate
+    from poststate.params import Adapter, TinyModel
+
 
 EOS = "<|endoftext|>"  # Qwen3-Base's EOS and pad token
 
@@ -54,28 +58,75 @@ def tiny_qwen3(p: TinyModel, tokenizer: PreTrainedTokenizerFast, seed: int) -> Q
     return Qwen3ForCausalLM(config)
 
 
+def is_hub_id(name: str) -> bool:
+    """A Hugging Face Hub repo id ("org/name") that is not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+
+
 def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_model(path: Path, trainable: bool = False, merge: bool = False):
-    """Load `models/<name>/` the standard way: `AutoPeftModelForCausalLM` for a LoRA adapter directory,
-    `AutoModelForCausalLM` otherwise. fp32 (training and CPU); the loop casts for bf16 on a GPU.
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The weights' dtype: "auto" is bfloat16 on a CUDA device and float32 elsewhere (a CPU has no fast
+    bf16 matmul here, and fp32 keeps the tiny profile byte-deterministic)."""
+    kind = torch.device(device).type
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if name == "auto":
+        return torch.bfloat16 if kind == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"dtype {name!r}: expected 'auto', 'fp32' or 'bf16'")
+    return table[name]
+
+
+def base_reference(adapter_dir: Path) -> Path | str:
+    """Where an adapter's base model is: `base_model_name_or_path` of its adapter_config.json, a Hub id or
+    a directory; a relative directory is taken relative to the repository root, found as the nearest
+    ancestor of the adapter directory that holds dvc.yaml (so an adapter loads from any working directory)."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    if Path(name).is_absolute():
+        return Path(name)
+    for root in [Path(adapter_dir).resolve(), *Path(adapter_dir).resolve().parents]:
+        if not (root / "dvc.yaml").exists():
+            continue
+        if (root / name / "config.json").exists():
+            return root / name
+        saved = root / "models" / "base" / "lineage.json"  # a Hub base this repository already saved
+        if config.get("revision") and saved.exists():
+            hub = json.loads(saved.read_text()).get("hub") or {}
+            if hub.get("name") == name and hub.get("sha") == config["revision"]:
+                return root / "models" / "base"
+    if (Path(name) / "config.json").exists():
+        return Path(name)
+    return name  # a Hub id (peft's own loader would fetch it at config["revision"])
+
+
+def load_model(path: Path, trainable: bool = False, merge: bool = False, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu"):
+    """Load `models/<name>/` (or a Hub id / local base directory): a LoRA adapter directory is its base
+    model plus the adapter (peft), anything else `AutoModelForCausalLM`. Weights in `dtype` on `device`
+    (a trainable LoRA adapter stays fp32: peft upcasts adapter weights; the loop autocasts).
     `merge` folds a LoRA adapter into the weights (the same function, up to float rounding, without the
     adapter's extra matmuls per layer): for inference only (evaluation, a frozen teacher)."""
     if merge and trainable:
         raise ValueError("load_model: merge=True is for inference; a trainable model keeps its adapter")
-    path = Path(path)
-    if not (path / "config.json").exists() and not is_adapter_dir(path):
-        raise FileNotFoundError(f"{path}: no config.json or adapter_config.json - not a model directory")
     if is_adapter_dir(path):
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=trainable, dtype=torch.float32)
+        ref = base_reference(path)
+        revision = json.loads((Path(path) / "adapter_config.json").read_text()).get("revision") if isinstance(ref, str) else None
+        base = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **({"revision": revision} if revision else {}))
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
         if merge:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if not (Path(path) / "config.json").exists() and not is_hub_id(str(path)):
+            raise FileNotFoundError(f"{path}: no config.json or adapter_config.json - not a model directory")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device)
     model.train(trainable)
     return model
 

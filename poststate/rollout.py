@@ -4,8 +4,14 @@
 `HFRolloutEngine` implements it with `model.generate` over left-padded batches. A vLLM backend can
 implement the same `generate(prompt_ids, params, seed) -> Rollouts` without changing callers.
 
-A completion ends at the model's EOS (kept, so that training on it teaches stopping), at the earliest
-stop string (cut before it), or at `max_new_tokens` (then `finished` is False).
+A completion ends the way a generation ends, and the trained sequence ends the same way: at the model's
+EOS (kept), at the earliest stop string (the tokens through the one that completes the stop string are
+kept: where a 5-shot prompt teaches the model to end its answer by starting the next "Question:", that is
+its act of stopping, and RL and OPD train it), or at `max_new_tokens` (then `finished` is False).
+`answer_lens[i]` counts the completion tokens before the terminator (the EOS, or the first token that
+overlaps the stop string): a state cut inside the answer never contains a terminator. `texts` is what a
+scorer reads, as lm-evaluation-harness reads a generation: the completion decoded with
+`skip_special_tokens=True`, cut before the earliest stop string.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-SEED_STRIDE = 1_000_003  # batch b of a call with seed s is sampled under torch.manual_seed(s * SEED_STRIDE + b)
+from poststate.streams import stream_seed
 
 
 @dataclass(frozen=True)
@@ -43,14 +49,20 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Rollouts:
     prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]  # generated tokens, cut before a stop string; the EOS token is kept if emitted
-    texts: list[str]  # decoded completion (EOS not rendered), cut at the earliest stop string
+    completion_ids: list[list[int]]  # generated tokens through the terminator (an EOS, or a stop string's tokens)
+    answer_lens: list[int]  # completion tokens before the terminator (= len(completion_ids[i]) if unfinished)
+    texts: list[str]  # the answer, decoded with skip_special_tokens=True, cut before the earliest stop string
     logprobs: list[list[float]]  # sampling log-prob of each kept completion token (see HFRolloutEngine)
     finished: list[bool]  # stopped by EOS or a stop string (not by max_new_tokens)
 
 
 class RolloutEngine(Protocol):
+    """Samples completions. `sync(policy)` makes the next draws come from a live training policy's current
+    weights (a plain HF model or a peft LoRA model); a fixed model (a teacher, an eval) never syncs."""
+
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int) -> Rollouts: ...
+
+    def sync(self, policy) -> None: ...
 
 
 class _ChosenTokenLogprobs(LogitsProcessor):
@@ -96,14 +108,16 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 def cut_completion(
     generated: Sequence[int], tokenizer, stops: Sequence[str], eos_id: int, pad_id: int
-) -> tuple[list[int], str, bool]:
-    """(kept token ids, text, finished) for one row of generated ids (pad-filled after the row stopped).
+) -> tuple[list[int], int, str, bool]:
+    """(kept ids, answer length, text, finished) for one row of generated ids (pad-filled after it stopped).
 
-    The row ends at its first EOS. If the decoded text before it contains a stop string, the text is
-    cut at the earliest one and the ids at the shortest prefix whose decoding starts with that text
-    (the stop string's own tokens are dropped; a token straddling the boundary is kept). Otherwise an
-    emitted EOS is kept as the last id. With pad != EOS, trailing pads (a row that stopped while its
-    batch went on) are stripped.
+    The row's body ends at its first EOS (with pad == EOS, a row stopped by a stop string is followed by
+    pads, i.e. EOS ids). Stop strings are looked for in the body decoded with its special tokens, as a
+    stopping criterion sees them. With a stop string at character c: the kept ids are the body through the
+    token that completes the earliest stop string, the answer length the number of tokens whose text ends at
+    or before c. Otherwise an emitted EOS is kept as the last id and the answer is the body. The text is
+    the body decoded with skip_special_tokens=True and cut before the earliest stop string (the harness's
+    decode-then-split). With pad != EOS, trailing pads of a row that stopped early are stripped.
     """
     ids = list(generated)
     ended_by_eos = eos_id in ids
@@ -111,15 +125,20 @@ def cut_completion(
     if not ended_by_eos and pad_id != eos_id:
         while body and body[-1] == pad_id:
             body.pop()
-    text = _decode(tokenizer, body)
-    cut = _earliest_stop(text, stops)
+    text = tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    shown = _earliest_stop(text, stops)
+    text = text if shown is None else text[:shown]
+    full = _decode(tokenizer, body)
+    cut = _earliest_stop(full, stops)
     if cut is not None:
-        target = text[:cut]
-        k = next(k for k in range(len(body) + 1) if _decode(tokenizer, body[:k]).startswith(target))
-        return body[:k], target, True
+        end = cut + min(len(s) for s in stops if full.find(s) == cut)
+        lengths = [len(_decode(tokenizer, body[:k])) for k in range(len(body) + 1)]
+        answer = max(k for k, n in enumerate(lengths) if n <= cut)
+        kept = max(answer, next(k for k, n in enumerate(lengths) if n >= end))
+        return body[:kept], answer, text, True
     if ended_by_eos:
-        return body + [eos_id], text, True
-    return body, text, False
+        return body + [eos_id], len(body), text, True
+    return body, len(body), text, False
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +160,12 @@ class HFRolloutEngine:
     our own processors [Temperature, TopP, recorder] so that the recorded log-prob of each token is
     under exactly the processed distribution it was drawn from. Greedy (temperature 0): argmax of the
     raw logits; the log-probs are the raw model log_softmax.
-    Seeding: torch.manual_seed(seed * SEED_STRIDE + batch_index) right before each batch's generate,
-    so a sampled result depends on (seed, batch_size); a greedy one on neither.
+    Seeding: torch.manual_seed(stream_seed(seed, batch_index)) right before each batch's generate, so a
+    sampled result depends on (seed, batch_size); a greedy one on neither.
     """
 
     def __init__(self, model, tokenizer, batch_size: int):
+        """`model` may be None for an engine that samples a policy: `sync(policy)` before each draw."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -155,6 +175,18 @@ class HFRolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self._copy = None  # the SamplingCopy of a synced policy
+        self.syncs = 0
+
+    def sync(self, policy) -> None:
+        """Sample from `policy`'s current weights, through a plain copy with the LoRA adapter folded in
+        (`modeling.SamplingCopy`, re-synced here; a policy without an adapter is its own sampler)."""
+        from poststate.modeling import SamplingCopy
+
+        if self._copy is None or self._copy.policy is not policy:
+            self._copy = SamplingCopy(policy)
+        self.model = self._copy.sync()
+        self.syncs += 1
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int) -> Rollouts:
         prompts = [list(p) for p in prompt_ids]
@@ -171,23 +203,24 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            rows: list[tuple[list[int], str, list[float], bool]] = []
+            rows: list[tuple[list[int], int, str, list[float], bool]] = []
             for b, start in enumerate(range(0, len(prompts), self.batch_size)):
-                rows += self._generate_batch(prompts[start : start + self.batch_size], params, seed * SEED_STRIDE + b)
+                rows += self._generate_batch(prompts[start : start + self.batch_size], params, stream_seed(seed, b))
         finally:
             self.model.train(was_training)
         return Rollouts(
             prompt_ids=prompts,
             completion_ids=[r[0] for r in rows],
-            texts=[r[1] for r in rows],
-            logprobs=[r[2] for r in rows],
-            finished=[r[3] for r in rows],
+            answer_lens=[r[1] for r in rows],
+            texts=[r[2] for r in rows],
+            logprobs=[r[3] for r in rows],
+            finished=[r[4] for r in rows],
         )
 
     @torch.inference_mode()
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, batch_seed: int
-    ) -> list[tuple[list[int], str, list[float], bool]]:
+    ) -> list[tuple[list[int], int, str, list[float], bool]]:
         tok = self.tokenizer
         pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
         device = next(self.model.parameters()).device
@@ -222,6 +255,6 @@ class HFRolloutEngine:
         logp_BN = recorder.per_token(gen_BN).cpu()
         out = []
         for i, row in enumerate(gen_BN.cpu().tolist()):
-            kept, text, finished = cut_completion(row, tok, params.stop, eos_id, pad_id)
-            out.append((kept, text, logp_BN[i, : len(kept)].tolist(), finished))
+            kept, answer_len, text, finished = cut_completion(row, tok, params.stop, eos_id, pad_id)
+            out.append((kept, answer_len, text, logp_BN[i, : len(kept)].tolist(), finished))
         return out

@@ -3,6 +3,7 @@ with its lineage atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from poststate.artifacts import atomic_dir, atomic_write_json, lineage, read_jsonl, write_jsonl  # noqa: F401 (re-exported for stages)
+from poststate.artifacts import atomic_dir, atomic_write_json, lineage, read_jsonl, save_tokenizer, write_jsonl  # noqa: F401 (re-exported for stages)
 
 if TYPE_CHECKING:
     from poststate.loop import TrainResult
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 DATA = Path("data/prepared")
 MODELS = Path("models")
 TRAIN_LOGS = Path("metrics/train")
+TIMINGS = Path("timings")  # wall-clock figures: untracked (gitignored), never a DVC out
 
 
 def seed_everything(seed: int) -> None:
@@ -58,32 +60,68 @@ def log_step(logger, step: int, metrics: dict[str, float]) -> None:
     logger.next_step()
 
 
-def train_logged(run: str, seed: int, model, method, optim, steps: int) -> tuple[TrainResult, str]:
-    """`loop.train` with DVCLive curves in `metrics/train/<run>/s<seed>/`. Wall-clock figures (training
-    seconds, seconds spent generating rollouts and teacher continuations, their share) go to that run's
-    DVCLive summary (`metrics.json`), not into the model artifact: the same params give the same bytes."""
+def train_logged(run: str, seed: int, lm, method, optim, steps: int, *, pad_id: int, accelerator) -> tuple[TrainResult, str]:
+    """`loop.train` with DVCLive curves of the science (loss, lr, rewards, ...) in the tracked
+    `metrics/train/<run>/s<seed>/`, and the wall-clock figures (seconds per step, generation seconds,
+    tokens per second) in the untracked `timings/<run>/s<seed>.json`: the same params give the same
+    tracked bytes, so a rerun leaves git and dvc.lock as they were. Logs on the main process only."""
     from poststate.loop import train
 
-    with live(run, seed) as logger:
-        result = train(model, method, optim, steps, log=lambda s, m: log_step(logger, s, m))
-        gen = getattr(method.source, "gen_seconds", 0.0) + getattr(method.signal, "gen_seconds", 0.0)
-        logger.summary.update(
-            train_seconds=round(result.seconds, 2),
-            generation_seconds=round(gen, 2),
-            generation_share=round(gen / result.seconds, 4) if result.seconds > 0 else 0.0,
-        )
-    timing = f"{result.seconds:.0f}s" + (f" ({gen / result.seconds:.0%} generating)" if gen else "")
+    main = accelerator.is_main_process
+    step_seconds: list[float] = []
+
+    def log(step: int, metrics: dict[str, float], seconds: float) -> None:
+        log_step(logger, step, metrics)
+        step_seconds.append(round(seconds, 4))
+
+    with live(run, seed) if main else contextlib.nullcontext() as logger:
+        result = train(lm, method, optim, steps, pad_id=pad_id, accelerator=accelerator, log=log)
+    if main:
+        share = result.gen_seconds / result.seconds if result.seconds > 0 else 0.0
+        atomic_write_json(TIMINGS / run / f"s{seed}.json", {
+            "train_seconds": round(result.seconds, 2),
+            "generation_seconds": round(result.gen_seconds, 2),
+            "generation_share": round(share, 4),
+            "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds > 0 else None,
+            "step_seconds": step_seconds,
+            "processes": accelerator.num_processes,
+        })
+    timing = f"{result.seconds:.0f}s" + (f" ({result.gen_seconds / result.seconds:.0%} generating)" if result.gen_seconds else "")
     return result, timing
+
+
+def write_compute(run: str, seed: int, result: TrainResult, model, kind: str) -> None:
+    """Compute accounting (counts, deterministic): optimizer steps, training states, tokens forwarded in
+    training, tokens sampled (rollouts, teacher continuations), parameters (all / trainable). The report
+    turns them into FLOPs."""
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    atomic_write_json(TRAIN_LOGS / run / f"s{seed}" / "compute.json", {
+        "kind": kind, "steps": result.steps, "states": result.states, "train_tokens": result.tokens,
+        "generated_tokens": result.generated_tokens, "parameters": n_total, "trainable_parameters": n_train,
+    })
+
+
+def write_gate(run: str, seed: int, gate: dict[str, Any]) -> None:
+    """The run's validity gate (poststate.gates.record) beside its training curves."""
+    atomic_write_json(TRAIN_LOGS / run / f"s{seed}" / "gate.json", gate)
 
 
 def _canonical_adapter_config(path: Path) -> None:
     """peft writes `target_modules` from a set, in an order that depends on the process's string hash
-    seed: sort it (peft reads it back as a set), so the same adapter has the same bytes in every run."""
+    seed: sort it (peft reads it back as a set), so the same adapter has the same bytes in every run.
+    When the base came from the Hub, the config names it by repo id and commit sha (it then loads with
+    `AutoPeftModelForCausalLM.from_pretrained` from any working directory); a local base stays the
+    repository-relative `models/base` (`modeling.base_reference` resolves it from any directory)."""
     if not path.exists():
         return
     config = json.loads(path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    base_lineage = MODELS / "base" / "lineage.json"
+    hub = json.loads(base_lineage.read_text()).get("hub") if base_lineage.exists() else None
+    if config.get("base_model_name_or_path") == run_dir("base", None).as_posix() and hub and hub.get("source") == "hub":
+        config["base_model_name_or_path"], config["revision"] = hub["name"], hub["sha"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
 
 
@@ -107,7 +145,7 @@ def save_run(
         to_save = model.merge_and_unload() if merge and hasattr(model, "merge_and_unload") else model
         to_save.save_pretrained(tmp)
         _canonical_adapter_config(tmp / "adapter_config.json")
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # without the load-time keys (HF_HUB_OFFLINE) transformers writes back
         info: dict[str, Any] = dict(extra or {})
         if result is not None:
             info["training"] = {

@@ -463,6 +463,8 @@ class WorldParams(BaseModel):
     sft_families: tuple[str, ...] = DEFAULT_SFT_FAMILIES  # families the SFT split covers (default: one per pair)
     gsm8k_n_sft: int = Field(default=3000, gt=0)  # SFT training rows
     gsm8k_n_prompts: int = Field(default=1000, gt=0)  # OPD/RL prompt rows
+    gsm8k_n_sft_heldout: int = Field(default=200, ge=2)  # held-out SFT rows: the SFT validity gate's items
+    gsm8k_n_prompts_heldout: int = Field(default=64, ge=2)  # held-out OPD/RL prompts: their validity gates' items
     gsm8k_n_fewshot: int = Field(default=50, gt=0)  # few-shot pool rows
     gsm8k_n_test: int = Field(default=500, gt=0)  # eval rows
     mmlu_n_test: int = Field(default=400, gt=0)  # eval rows, spread evenly over the 4 subjects
@@ -501,7 +503,7 @@ class World:
     """Everything `prepare` writes for the tiny profile; rows in the exact Hub schemas."""
 
     corpus: list[str]  # pretraining documents (none contains "\n\n")
-    gsm8k: dict[str, list[dict]]  # sft, prompts, fewshot, test: {"question", "answer"}
+    gsm8k: dict[str, list[dict]]  # sft, sft_heldout, prompts, prompts_heldout, fewshot, test: {"question", "answer"}
     mmlu: dict[str, list[dict]]  # dev, test: {"question", "subject", "choices", "answer"}
     truthfulqa: list[dict]  # {"question", "mc1_targets", "mc2_targets"}
     truthfulqa_preamble: str  # "Q: ...\nA: ..." pairs joined by "\n\n", about myths not in the eval
@@ -623,7 +625,9 @@ def _gsm8k_split(p: WorldParams, purpose: str, families: Sequence[str], n: int, 
 
 
 def _gsm8k(p: WorldParams, names: dict[str, list[str]]) -> tuple[dict[str, list[dict]], dict[str, list[dict]], set[tuple]]:
-    """The four GSM8K splits and their meta; test keys are forbidden everywhere else (returned for the corpus)."""
+    """The GSM8K splits and their meta; test keys are forbidden everywhere else (returned for the corpus).
+    A held-out split (the validity gates' items) is drawn from its training split's families, with keys
+    outside both the test set and that training split."""
     everyone = list(FAMILIES)
     test, test_meta = _gsm8k_split(p, "test", everyone, p.gsm8k_n_test, set(), names)
     test_keys = {(m["family"], tuple(m["numbers"])) for m in test_meta}
@@ -631,6 +635,9 @@ def _gsm8k(p: WorldParams, names: dict[str, list[str]]) -> tuple[dict[str, list[
     for split, families, n in (("sft", p.sft_families, p.gsm8k_n_sft), ("prompts", everyone, p.gsm8k_n_prompts),
                                ("fewshot", everyone, p.gsm8k_n_fewshot)):
         splits[split], meta[split] = _gsm8k_split(p, split, families, n, test_keys, names)
+    for split, families, n in (("sft", p.sft_families, p.gsm8k_n_sft_heldout), ("prompts", everyone, p.gsm8k_n_prompts_heldout)):
+        trained = {(m["family"], tuple(m["numbers"])) for m in meta[split]}
+        splits[f"{split}_heldout"], meta[f"{split}_heldout"] = _gsm8k_split(p, f"{split}_heldout", families, n, test_keys | trained, names)
     splits["test"], meta["test"] = test, test_meta
     return splits, meta, test_keys
 
@@ -858,11 +865,11 @@ def generate_world(p: WorldParams) -> World:
 
 def write_world(world: World, out_dir: Path) -> None:
     """Write the prepared-data layout of docs/architecture.md (JSON Lines, keys in Hub order):
-    gsm8k/{sft,prompts,fewshot,test}.jsonl, mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl, corpus.txt
+    gsm8k/{sft,sft_heldout,prompts,prompts_heldout,fewshot,test}.jsonl, mmlu/{dev,test}.jsonl, truthfulqa/mc.jsonl, corpus.txt
     (documents joined by a blank line, no final newline: `text.split("\\n\\n")` gives them back), world_meta.json and truthfulqa_preamble.txt
     (the preamble exactly, no trailing newline)."""
     out_dir = Path(out_dir)
-    for split in ("sft", "prompts", "fewshot", "test"):
+    for split in ("sft", "sft_heldout", "prompts", "prompts_heldout", "fewshot", "test"):
         write_jsonl(out_dir / "gsm8k" / f"{split}.jsonl", world.gsm8k[split])
     for split in ("dev", "test"):
         write_jsonl(out_dir / "mmlu" / f"{split}.jsonl", world.mmlu[split])

@@ -3,7 +3,9 @@
 The paper's form (opd.signal=continuation): the student samples a rollout, K cut points are drawn in it,
 from each prefix the teacher writes an L-token continuation, and the student is trained with
 cross-entropy on the teacher's tokens. Variants: `stress` (the degraded teacher artifact), `mild` (the
-mild SFT run as teacher), `seqkd` (the same teacher and loss on the *teacher's* states - the control).
+mild SFT run as teacher), `teacher_states` (the same teacher and loss on the *teacher's* states: the
+teacher-state control). Validity gate: the student's CE on the teacher's continuations from held-out
+states of the kind it trained on, before and after (`poststate.gates`).
 
     python stages/opd.py stress --teacher models/teacher     # writes models/opd_stress/s<seed>/
 """
@@ -12,32 +14,50 @@ from pathlib import Path
 
 import typer
 
+from poststate import gates
+from poststate.loop import make_accelerator, shard_of
 from poststate.methods import opd_method
-from poststate.modeling import load_model, load_tokenizer, with_adapter
+from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged
+from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 
 def main(
-    variant: str = typer.Argument(..., help="opd variant: stress | mild | seqkd"),
+    variant: str = typer.Argument(..., help="opd variant: stress | mild | teacher_states"),
     teacher: Path = typer.Option(..., help="teacher run directory (holds s<seed>/ subdirectories)"),
 ) -> None:
     p = load_section("opd", variant)
-    rows = read_jsonl(DATA / "gsm8k/prompts.jsonl")
+    run = f"opd_{variant}"
+    rows, heldout = read_jsonl(DATA / "gsm8k/prompts.jsonl"), read_jsonl(DATA / "gsm8k/prompts_heldout.jsonl")
+    acc = make_accelerator()
+    echo = typer.echo if acc.is_main_process else (lambda *_: None)
+    dtype = resolve_dtype(p.dtype, acc.device)
+    tok = load_tokenizer(run_dir("base", None))
+    who = "learner" if p.states == "student" else "teacher"
     for seed in seeds(read_params()):
         seed_everything(seed)
         teacher_dir = teacher / f"s{seed}"
-        tok = load_tokenizer(run_dir("base", None))
-        teacher_model = load_model(teacher_dir, merge=True)
-        teacher_model.eval().requires_grad_(False)
-        student = with_adapter(load_model(run_dir("base", None)), p.adapter)
-        method = opd_method(f"opd_{variant}", rows, tok, teacher_model, p, seed)
-        result, timing = train_logged(f"opd_{variant}", seed, student, method, p, p.steps)
-        save_run(student, tok, run_dir(f"opd_{variant}", seed), kind=f"opd_{variant}", params=p.model_dump(mode="json"),
-                 seed=seed, parents={"base": run_dir("base", None), "teacher": teacher_dir},
-                 data={"prompts": DATA / "gsm8k/prompts.jsonl"}, result=result,
-                 extra={"states": {"source": method.source.origin, "signal": p.signal, "count": result.states}})
-        typer.echo(f"  seed {seed}: {timing}, loss {result.last['loss']:.4f}")
+        teacher_model = load_model(teacher_dir, merge=True, dtype=dtype, device=acc.device).eval().requires_grad_(False)
+        student = with_adapter(load_model(run_dir("base", None), dtype=dtype, device=acc.device), p.adapter)
+        # the teacher-state control's held-out states do not depend on the student: the same before and after
+        measure = lambda when: gates.opd_ce(student, tok, heldout, teacher_model, p, who,  # noqa: E731
+                                            ("gate", run, seed, when if who == "learner" else "states"))
+        before = measure("before")
+        method = opd_method(run, rows, tok, teacher_model, p, seed, shard_of(acc))
+        result, timing = train_logged(run, seed, student, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc)
+        after = measure("after")
+        if acc.is_main_process:
+            write_gate(run, seed, gates.record({"heldout_teacher_ce": {
+                "better": "lower", "items": [f"prompts_heldout/{i}" for i in range(len(heldout))], "before": before, "after": after}},
+                primary="heldout_teacher_ce"))
+            write_compute(run, seed, result, student, kind="opd")
+            save_run(student, tok, run_dir(run, seed), kind=run, params=p.model_dump(mode="json"),
+                     seed=seed, parents={"base": run_dir("base", None), "teacher": teacher_dir},
+                     data={"prompts": DATA / "gsm8k/prompts.jsonl"}, result=result,
+                     extra={"states": {"source": method.source.origin, "signal": p.signal, "count": result.states}})
+        acc.wait_for_everyone()
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        echo(f"  seed {seed}: {timing}, loss {result.last['loss']:.4f}; held-out teacher CE {mean(before):.4f} -> {mean(after):.4f}")
 
 
 if __name__ == "__main__":

@@ -29,15 +29,20 @@ def write_hub(p: HubData, seed: int, out: Path) -> dict:
     for rows, schema, where in [(train, "gsm8k", "gsm8k train"), (test, "gsm8k", "gsm8k test"),
                                 (tqa, "truthfulqa_mc", "truthfulqa"), (dev, "mmlu", "mmlu dev"), (mmlu, "mmlu", "mmlu test")]:
         validate_rows(rows, schema, where)
-    # Held-out prompt set for OPD/RL from GSM8K train (seeded); SFT gets the rest. Few-shot pool = train,
-    # as in the harness (its shots come from the train split).
+    # GSM8K train in a seeded order: the OPD/RL prompt set, its held-out prompts and the held-out SFT rows
+    # (the validity gates' items), then SFT gets the rest. Few-shot pool = all of train, as in the harness
+    # (its shots come from the train split).
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    prompts = [train[i] for i in order[: p.prompts_size]]
-    sft = [train[i] for i in order[p.prompts_size :]][: p.sft_size]
+    cuts = [0, p.prompts_size, p.prompts_size + p.prompts_heldout_size,
+            p.prompts_size + p.prompts_heldout_size + p.sft_heldout_size]
+    prompts, prompts_heldout, sft_heldout = ([train[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:]))
+    sft = [train[i] for i in order[cuts[-1] :]][: p.sft_size]
     splits = {
         "gsm8k/sft.jsonl": sft,
+        "gsm8k/sft_heldout.jsonl": sft_heldout,
         "gsm8k/prompts.jsonl": prompts,
+        "gsm8k/prompts_heldout.jsonl": prompts_heldout,
         "gsm8k/fewshot.jsonl": train,
         "gsm8k/test.jsonl": test[: p.gsm8k_test_limit],
         "truthfulqa/mc.jsonl": tqa[: p.truthfulqa_limit],
@@ -47,6 +52,7 @@ def write_hub(p: HubData, seed: int, out: Path) -> dict:
     for name, rows in splits.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / name, rows)
+    (out / "corpus.txt").write_text("")  # the pretraining corpus: none, the base comes from the Hub
     return {"source": "hub", "datasets": p.model_dump(mode="json")}
 
 
