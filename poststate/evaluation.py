@@ -1,5 +1,10 @@
-"""The three benchmarks, scored as lm-evaluation-harness scores them: batched log-likelihoods for
-TruthfulQA MC1/MC2 and MMLU, batched greedy generation (through `rollout.HFRolloutEngine`) for GSM8K.
+"""The three benchmarks, scored as lm-evaluation-harness 0.4.13 (HFLM) scores them: batched log-likelihoods
+for TruthfulQA MC1/MC2 and MMLU, batched greedy generation (through `rollout.HFRolloutEngine`) for GSM8K.
+
+The requests are the harness's, byte for byte, in the paper profile (`gsm8k_contexts`, `truthfulqa_requests`,
+`mmlu_requests`; tests/test_harness.py builds the harness's own requests from the same rows and compares),
+and so are the context length (`resolve_max_length`), left truncation, GSM8K stop strings and the decoding
+of predictions. docs/evaluation.md says what each score is and where the tiny profile departs.
 
 `evaluate` returns flat scores (accuracy, its harness-style stderr, n) and per-item records whose ids
 (`<benchmark>/<row index in its eval file>`) let two models' items be paired.
@@ -18,6 +23,9 @@ from poststate.artifacts import read_jsonl
 from poststate.params import EvalParams
 from poststate.rollout import HFRolloutEngine, SamplingParams
 from poststate.stats import mean_stderr
+
+HARNESS_DEFAULT_MAX_LENGTH = 2048  # lm_eval/models/utils.py DEFAULT_MAX_LENGTH (HFLM._DEFAULT_MAX_LENGTH)
+TOKENIZER_INFINITY = int(1e30)  # transformers' "no model_max_length" sentinel (the harness ignores it)
 
 # --------------------------------------------------------------------------- log-likelihoods
 
@@ -171,26 +179,68 @@ def _accuracy(flags: Sequence[float], name: str) -> dict[str, float]:
     return {name: sum(values) / len(values), f"{name}_stderr": mean_stderr(values)}
 
 
+def resolve_max_length(model, tokenizer, max_length: int | None) -> int:
+    """The context length the harness's HFLM uses (`models/utils.py` `resolve_max_length`, lm-eval 0.4.13).
+
+    An explicit `max_length` wins. None: the first of `n_positions`, `max_position_embeddings`, `n_ctx` set
+    in the model config (its `text_config` when nested), else the tokenizer's `model_max_length` unless it
+    is transformers' "unset" sentinel, else 2048 (HFLM's `_DEFAULT_MAX_LENGTH`). `model` may be None (no
+    config: tests with contrived scorers).
+    """
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        return max_length
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max is not None and tok_max != TOKENIZER_INFINITY:
+        return int(tok_max)
+    return HARNESS_DEFAULT_MAX_LENGTH
+
+
+def gsm8k_contexts(rows: Sequence[dict[str, Any]], pool: Sequence[dict[str, Any]], p: EvalParams) -> list[str]:
+    """The GSM8K prompt of each eval row: its own `gsm8k_fewshot` shots from the few-shot pool, drawn as
+    lm-eval 0.4.13 draws them (`prompts.fewshot_indices`, seed `gsm8k_fewshot_seed`), in `gsm8k_prompt`'s
+    format. Row i's shots are the harness's for doc i of the full eval file (a limit keeps a prefix)."""
+    shots = prompts.fewshot_indices(len(rows), len(pool), p.gsm8k_fewshot, p.gsm8k_fewshot_seed)
+    return [prompts.gsm8k_prompt(r["question"], [pool[j] for j in idx]) for r, idx in zip(rows, shots, strict=True)]
+
+
+def eos_text(tokenizer) -> str:
+    """The EOS token as text, decoded as HFLM decodes it for its stop list (`skip_special_tokens=False`)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id: GSM8K generation stops at the decoded EOS text")
+    return tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
+
+
 def eval_gsm8k(model, tokenizer, data_dir: Path, p: EvalParams, seed: int) -> tuple[dict[str, float], list[dict], int]:
-    """Greedy GSM8K: (scores, items, n prompts left-truncated). Prompts are left-truncated to
-    max_length - max_new_tokens tokens (the harness's max_ctx_len)."""
+    """Greedy GSM8K as the harness's HFLM runs it: (scores, items, n prompts left-truncated).
+
+    Prompts are left-truncated to max_length - gsm8k_max_new_tokens tokens (HFLM's max_ctx_len);
+    generation stops at EOS or at the first of the task's `until` strings plus the decoded EOS text
+    (`prompts.gsm8k_stops`); the scored prediction is the completion decoded with
+    `skip_special_tokens=True` and cut before the earliest stop string (`Rollouts.texts`)."""
     rows = _read_jsonl(data_dir / "gsm8k" / "test.jsonl", p.gsm8k_limit)
     pool = _read_jsonl(data_dir / "gsm8k" / "fewshot.jsonl") if p.gsm8k_fewshot else []
     if len(pool) < p.gsm8k_fewshot:
         raise ValueError(f"gsm8k_fewshot={p.gsm8k_fewshot} but the few-shot pool has only {len(pool)} rows")
-    shots = pool[: p.gsm8k_fewshot]
-    budget = p.max_length - p.gsm8k_max_new_tokens
+    max_length = resolve_max_length(model, tokenizer, p.max_length)
+    budget = max_length - p.gsm8k_max_new_tokens
     if budget <= 0:
         raise ValueError(
-            f"max_length={p.max_length} leaves no room for a prompt before {p.gsm8k_max_new_tokens} new tokens"
+            f"max_length={max_length} leaves no room for a prompt before {p.gsm8k_max_new_tokens} new tokens"
         )
-    prompt_ids = [
-        tokenizer(prompts.gsm8k_prompt(r["question"], shots), add_special_tokens=False)["input_ids"] for r in rows
-    ]
+    prompt_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in gsm8k_contexts(rows, pool, p)]
     n_truncated = sum(len(ids) > budget for ids in prompt_ids)
     prompt_ids = [ids[-budget:] for ids in prompt_ids]
     order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))  # similar lengths share a batch
-    params = SamplingParams(max_new_tokens=p.gsm8k_max_new_tokens, temperature=0.0, stop=prompts.GSM8K_STOPS)
+    stops = prompts.gsm8k_stops(eos_text(tokenizer))
+    params = SamplingParams(max_new_tokens=p.gsm8k_max_new_tokens, temperature=0.0, stop=stops)
     out = HFRolloutEngine(model, tokenizer, p.gen_batch_size).generate([prompt_ids[i] for i in order], params, seed)
     texts = [""] * len(rows)
     for j, i in enumerate(order):
@@ -231,12 +281,14 @@ def _truthfulqa_preamble(data_dir: Path, which: str) -> str:
     return text
 
 
-def eval_truthfulqa(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
-    """TruthfulQA MC1/MC2 from LL(" " + choice | prompt): (scores, items, n items with a truncated context)."""
-    rows = _read_jsonl(data_dir / "truthfulqa" / "mc.jsonl", p.truthfulqa_limit)
-    preamble = _truthfulqa_preamble(data_dir, p.truthfulqa_preamble)
+def truthfulqa_requests(
+    rows: Sequence[dict[str, Any]], preamble: str
+) -> tuple[list[tuple[str, str]], list[tuple[slice, slice]]]:
+    """The (context, continuation) requests of TruthfulQA MC1 and MC2, as the harness's `truthfulqa_mc1`
+    and `truthfulqa_mc2` tasks build them: per row its mc1 choices, then its mc2 choices, each as
+    `" " + choice` after the row's prompt; and per row the (mc1, mc2) slices into the requests."""
     requests: list[tuple[str, str]] = []
-    spans = []  # per row: (mc1 slice, mc2 slice) into requests
+    spans = []
     for row in rows:
         ctx = prompts.truthfulqa_prompt(row["question"], preamble)
         a = len(requests)
@@ -244,7 +296,15 @@ def eval_truthfulqa(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[di
         b = len(requests)
         requests += [(ctx, c) for c in prompts.truthfulqa_continuations(row["mc2_targets"]["choices"])]
         spans.append((slice(a, b), slice(b, len(requests))))
-    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, p.max_length)
+    return requests, spans
+
+
+def eval_truthfulqa(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
+    """TruthfulQA MC1/MC2 from LL(" " + choice | prompt): (scores, items, n items with a truncated context)."""
+    rows = _read_jsonl(data_dir / "truthfulqa" / "mc.jsonl", p.truthfulqa_limit)
+    requests, spans = truthfulqa_requests(rows, _truthfulqa_preamble(data_dir, p.truthfulqa_preamble))
+    max_length = resolve_max_length(model, tokenizer, p.max_length)
+    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, max_length)
     items = []
     for i, (row, (s1, s2)) in enumerate(zip(rows, spans, strict=True)):
         ll1, ll2 = lls[s1], lls[s2]
@@ -265,18 +325,20 @@ def eval_truthfulqa(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[di
     return scores, items, n_truncated
 
 
-def eval_mmlu(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
-    """MMLU: argmax over the style's continuations, shots = the first k dev rows of the row's subject;
-    micro-averaged accuracy. Returns (scores, items, n items with a truncated context)."""
-    rows = _read_jsonl(data_dir / "mmlu" / "test.jsonl", p.mmlu_limit)
-    dev: dict[str, list[dict[str, Any]]] = {}
-    if p.mmlu_fewshot:
-        for r in _read_jsonl(data_dir / "mmlu" / "dev.jsonl"):
-            dev.setdefault(r["subject"], []).append(r)
+def mmlu_requests(
+    rows: Sequence[dict[str, Any]], dev: Sequence[dict[str, Any]], p: EvalParams
+) -> tuple[list[tuple[str, str]], list[slice]]:
+    """The (context, continuation) requests of MMLU (four per row) and each row's slice into them.
+
+    Shots: the first `mmlu_fewshot` dev rows of the row's subject, in dev-file order (the harness's
+    `first_n` sampler over the subject's dev split)."""
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for r in dev if p.mmlu_fewshot else []:
+        by_subject.setdefault(r["subject"], []).append(r)
     requests: list[tuple[str, str]] = []
     spans = []
     for row in rows:
-        shots = dev.get(row["subject"], [])[: p.mmlu_fewshot]
+        shots = by_subject.get(row["subject"], [])[: p.mmlu_fewshot]
         if len(shots) < p.mmlu_fewshot:
             raise ValueError(
                 f"mmlu_fewshot={p.mmlu_fewshot} but dev.jsonl has {len(shots)} rows of subject {row['subject']!r}"
@@ -285,7 +347,17 @@ def eval_mmlu(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str
         a = len(requests)
         requests += [(ctx, c) for c in prompts.mmlu_continuations(row, p.mmlu_style)]
         spans.append(slice(a, len(requests)))
-    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, p.max_length)
+    return requests, spans
+
+
+def eval_mmlu(model, tokenizer, data_dir: Path, p: EvalParams) -> tuple[dict[str, float], list[dict], int]:
+    """MMLU: argmax over the style's continuations, shots = the first k dev rows of the row's subject;
+    micro-averaged accuracy. Returns (scores, items, n items with a truncated context)."""
+    rows = _read_jsonl(data_dir / "mmlu" / "test.jsonl", p.mmlu_limit)
+    dev = _read_jsonl(data_dir / "mmlu" / "dev.jsonl") if p.mmlu_fewshot else []
+    requests, spans = mmlu_requests(rows, dev, p)
+    max_length = resolve_max_length(model, tokenizer, p.max_length)
+    lls, truncated = _loglikelihoods(model, tokenizer, requests, p.ll_batch_size, max_length)
     items = []
     for i, (row, s) in enumerate(zip(rows, spans, strict=True)):
         items.append(

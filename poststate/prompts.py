@@ -9,11 +9,13 @@ harness builds a prompt as (`lm_eval/api/task.py` `fewshot_context`, `lm_eval/ap
 
 with the TaskConfig defaults `target_delimiter = " "` and `fewshot_delimiter = "\\n\\n"`; a
 multiple-choice continuation is `target_delimiter + choice` (`construct_requests`:
-`(ctx, f"{target_delimiter}{cont}")`).
+`(ctx, f"{target_delimiter}{cont}")`). Which shots: GSM8K's are drawn per item by the default sampler
+(`fewshot_indices`), MMLU's are the subject's first k dev rows (`first_n`).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -26,6 +28,42 @@ FEWSHOT_DELIMITER = "\n\n"  # harness TaskConfig default
 # generation_kwargs.until below, greedy.
 
 GSM8K_STOPS: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
+HARNESS_FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
+
+
+def gsm8k_stops(eos_text: str) -> tuple[str, ...]:
+    """The stop strings the harness generates GSM8K with: the task's `until` plus the decoded EOS text.
+
+    HFLM.generate_until (`models/utils.py` `handle_stop_sequences`) appends
+    `tokenizer.decode(eos_token_id, skip_special_tokens=False)` to `until` unless it is already there.
+    """
+    if not isinstance(eos_text, str) or eos_text == "":
+        raise ValueError(f"eos_text must be the decoded EOS token (a non-empty string), got {eos_text!r}")
+    return GSM8K_STOPS if eos_text in GSM8K_STOPS else (*GSM8K_STOPS, eos_text)
+
+
+def fewshot_indices(n_docs: int, pool_size: int, k: int, seed: int) -> list[list[int]]:
+    """Indices into the few-shot pool of each eval doc's k shots, drawn as lm-eval 0.4.13's default sampler
+    draws them for a task whose few-shot split differs from its eval split (GSM8K: train vs test).
+
+    `api/samplers.py` `ContextSampler.sample`: `self.rnd.sample(pool, k)` with ONE `random.Random(seed)`
+    (`Task.set_fewshot_seed`, seed = `simple_evaluate`'s `fewshot_random_seed`, 1234 by default) consumed
+    doc by doc in document order (`Task.build_all_requests`). `random.sample` picks positions from the
+    population's length alone, so sampling `range(pool_size)` gives the indices of the docs it would pick.
+    Doc i's shots do not depend on n_docs: a `--limit N` run gets the first N docs' shots of a full run.
+    k = 0 draws nothing (the harness skips the sampler). Not implemented: the harness's exclusion of the
+    eval doc itself when the few-shot split IS the eval split (it then samples k + 1 and drops the doc).
+    """
+    for name, value in (("n_docs", n_docs), ("pool_size", pool_size), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"fewshot_indices: {name} must be an int >= 0, got {value!r}")
+    if k > pool_size:
+        raise ValueError(f"fewshot_indices: k={k} shots requested but the few-shot pool has only {pool_size} rows")
+    if k == 0:
+        return [[] for _ in range(n_docs)]
+    rnd = random.Random(seed)
+    population = range(pool_size)
+    return [rnd.sample(population, k) for _ in range(n_docs)]
 
 
 def _gsm8k_text(question: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -21,6 +22,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 PARAMS = dict(
     gsm8k_fewshot=2,
+    gsm8k_fewshot_seed=1234,
     gsm8k_limit=None,
     gsm8k_max_new_tokens=8,
     truthfulqa_preamble="none",
@@ -114,9 +116,12 @@ REQUESTS = [
 def test_eval_params_reject_bad_values():
     EvalParams(**PARAMS)
     for key, bad in [("gsm8k_fewshot", -1), ("gsm8k_limit", 1), ("gsm8k_max_new_tokens", 0), ("max_length", 0),
-                     ("truthfulqa_preamble", "other"), ("mmlu_style", "cloze"), ("ll_batch_size", 0)]:
+                     ("truthfulqa_preamble", "other"), ("mmlu_style", "cloze"), ("ll_batch_size", 0),
+                     ("gsm8k_fewshot_seed", "x"), ("max_length", 8)]:  # 8 = gsm8k_max_new_tokens: no room for a prompt
         with pytest.raises(ValidationError, match=key):
             EvalParams(**{**PARAMS, key: bad})
+    assert EvalParams(**{**PARAMS, "max_length": None}).max_length is None  # the harness's default: the model's
+    assert EvalParams(**{k: v for k, v in PARAMS.items() if k != "gsm8k_fewshot_seed"}).gsm8k_fewshot_seed == 1234
     with pytest.raises(ValidationError, match="extra"):
         EvalParams(**PARAMS, temperature=0.0)
     with pytest.raises(ValidationError):
@@ -238,16 +243,18 @@ def test_evaluate_scores_match_their_items(model, tiny_tokenizer, data_dir, monk
     for it in m:
         assert it["correct"] == (it["prediction"] == it["gold"])
 
-    # the GSM8K prompts actually sent carry the first two shots (not the third) and the question
+    # the GSM8K prompts actually sent: each row's own two shots, drawn as the harness draws them (one
+    # Random(1234) sampling the pool's docs, row by row in file order), and the question
     assert len(sent) == 3
     texts = [tiny_tokenizer.decode(ids) for ids in sent]
-    for row in GSM8K_TEST:
-        expected = prompts.gsm8k_prompt(row["question"], GSM8K_FEWSHOT[:2])
-        assert expected in texts
-        assert GSM8K_FEWSHOT[0]["answer"] in expected and GSM8K_FEWSHOT[2]["question"] not in expected
-    # each prediction is the greedy rollout of the prompt, cut at the GSM8K stops
+    rnd = random.Random(1234)
+    expected = [prompts.gsm8k_prompt(row["question"], rnd.sample(GSM8K_FEWSHOT, 2)) for row in GSM8K_TEST]
+    assert sorted(texts) == sorted(expected)
+    first_two = [prompts.gsm8k_prompt(row["question"], GSM8K_FEWSHOT[:2]) for row in GSM8K_TEST]
+    assert sum(e != f for e, f in zip(expected, first_two)) >= 2  # the draws are not the pool's first rows
+    # each prediction is the greedy rollout of the prompt, cut at the GSM8K stops and the EOS text
     for it in g:
-        assert not any(s in it["prediction"] for s in prompts.GSM8K_STOPS)
+        assert not any(s in it["prediction"] for s in (*prompts.GSM8K_STOPS, "<|endoftext|>"))
 
 
 def test_evaluate_is_deterministic_and_limits_rows(model, tiny_tokenizer, data_dir):
@@ -276,6 +283,30 @@ def test_truncation_is_counted(model, tiny_tokenizer, data_dir):
     assert scores["n_truncated"] == 3 + 3
 
 
+def test_max_length_none_is_the_model_configs(model, tiny_tokenizer, data_dir):
+    # the tiny model allows 256 positions: None must score and truncate exactly as an explicit 256 does
+    small = {**PARAMS, "gsm8k_limit": 2, "mmlu_limit": 2}
+    assert evaluation.resolve_max_length(model, tiny_tokenizer, None) == 256
+    assert evaluate(model, tiny_tokenizer, data_dir, EvalParams(**{**small, "max_length": None})) == evaluate(
+        model, tiny_tokenizer, data_dir, EvalParams(**small)
+    )
+    assert evaluate(model, tiny_tokenizer, data_dir, EvalParams(**{**small, "max_length": 60}))[0]["n_truncated"] > 0
+
+
+def test_gsm8k_contexts_draw_per_row_and_a_limit_keeps_a_prefix():
+    p = EvalParams(**PARAMS)
+    rows = [{"question": f"q{i}", "answer": "#### 1"} for i in range(6)]
+    pool = [{"question": f"shot{i}", "answer": f"#### {i}"} for i in range(10)]
+    full = evaluation.gsm8k_contexts(rows, pool, p)
+    assert evaluation.gsm8k_contexts(rows[:2], pool, p) == full[:2]  # --limit 2: the first two of a full run
+    rnd = random.Random(1234)  # the harness: one Random(seed), pool docs sampled row by row
+    assert full == [prompts.gsm8k_prompt(r["question"], rnd.sample(pool, 2)) for r in rows]
+    other_seed = evaluation.gsm8k_contexts(rows, pool, EvalParams(**{**PARAMS, "gsm8k_fewshot_seed": 0}))
+    assert other_seed != full and [c.rsplit("\n\n", 1)[1] for c in other_seed] == [c.rsplit("\n\n", 1)[1] for c in full]
+    zero = evaluation.gsm8k_contexts(rows, pool, EvalParams(**{**PARAMS, "gsm8k_fewshot": 0}))
+    assert zero == [f"Question: q{i}\nAnswer:" for i in range(6)]
+
+
 # --------------------------------------------------------------------------- contrived model: aggregation
 
 
@@ -288,12 +319,13 @@ class _FixedEngine:
         pass
 
     def generate(self, prompt_ids, params, seed):
-        assert params.temperature == 0.0 and params.stop == prompts.GSM8K_STOPS
+        assert params.temperature == 0.0 and params.stop == (*prompts.GSM8K_STOPS, "<|endoftext|>")
         n = len(prompt_ids)
         # evaluate sorts prompts by length; map back through the question each prompt ends with
         return Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
             completion_ids=[[] for _ in range(n)],
+            answer_lens=[0] * n,
             texts=[self._answer_for(p) for p in prompt_ids],
             logprobs=[[] for _ in range(n)],
             finished=[True] * n,

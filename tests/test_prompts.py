@@ -9,6 +9,9 @@ import pytest
 
 from poststate.prompts import (
     GSM8K_STOPS,
+    HARNESS_FEWSHOT_SEED,
+    fewshot_indices,
+    gsm8k_stops,
     TRUTHFULQA_PREAMBLE,
     gsm8k_prompt,
     gsm8k_target,
@@ -35,6 +38,44 @@ def _rows(rel: str, n: int | None = None) -> list[dict]:
 
 def test_gsm8k_stops_are_the_harness_until_list():
     assert GSM8K_STOPS == ("Question:", "</s>", "<|im_end|>")
+
+
+@pytest.mark.parametrize(
+    ("eos", "expected"),
+    [
+        ("<|endoftext|>", ("Question:", "</s>", "<|im_end|>", "<|endoftext|>")),  # Qwen3-Base, the tiny profile
+        ("</s>", ("Question:", "</s>", "<|im_end|>")),  # already in `until`: not added twice
+        ("<|im_end|>", ("Question:", "</s>", "<|im_end|>")),
+    ],
+)
+def test_gsm8k_stops_add_the_decoded_eos(eos, expected):
+    assert gsm8k_stops(eos) == expected
+    with pytest.raises(ValueError, match="eos_text"):
+        gsm8k_stops("")
+
+
+def test_fewshot_indices_are_the_harness_draws_for_gsm8k():
+    # lm-eval 0.4.13, gsm8k on the 7473-row train split, seed 1234: items 0 and 1 (read off its requests)
+    draws = fewshot_indices(n_docs=3, pool_size=7473, k=5, seed=HARNESS_FEWSHOT_SEED)
+    assert HARNESS_FEWSHOT_SEED == 1234
+    assert draws[:2] == [[6374, 3610, 957, 61, 742], [7462, 6610, 4769, 286, 5501]]
+    assert fewshot_indices(1319, 7473, 5, 1234)[:3] == draws  # a limit keeps the first draws
+    assert all(len(set(d)) == 5 for d in fewshot_indices(1319, 7473, 5, 1234))  # without replacement
+    assert fewshot_indices(3, 7473, 5, 1235) != draws
+    assert fewshot_indices(4, 0, 0, 1234) == [[], [], [], []]  # 0 shots draw nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(n_docs=2, pool_size=3, k=4, seed=0), "k=4 shots requested but the few-shot pool has only 3 rows"),
+        (dict(n_docs=-1, pool_size=3, k=1, seed=0), "n_docs must be an int >= 0, got -1"),
+        (dict(n_docs=2, pool_size=3, k=True, seed=0), "k must be an int >= 0, got True"),
+    ],
+)
+def test_fewshot_indices_reject_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fewshot_indices(**kwargs)
 
 
 @pytest.mark.parametrize(
