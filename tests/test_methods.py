@@ -1,110 +1,518 @@
-"""States, signals and the one loop: masks, cut points, and a 2-step smoke run per method."""
+"""Methods = (state source, signal), and the one loop: micro-batching invariance, sources and shards, cut
+points, rewards, PPO epochs, and a short smoke run per method on the tiny random model."""
 
+from __future__ import annotations
+
+import contextlib
 import copy
 import random
 
 import pytest
 import torch
+from accelerate import Accelerator
+from pydantic import ValidationError
 
 from poststate import methods
 from poststate.loop import NonFiniteLoss, train
-from poststate.methods import States
+from poststate.methods import Method, Shard, States, Supervised
 from poststate.modeling import with_adapter
+from poststate.objective import LossConfig, StateObjective
 from poststate.params import Opd, Rl, Sft
+from poststate.rollout import Rollouts
+from poststate.streams import stream_seed
 from tests.conftest import build_tiny_model, give_lora_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
     {"question": "She sold 48 clips in April and half as many in May. How many clips?", "answer": "48 / 2 = <<48/2=24>>24, 48 + 24 = <<48+24=72>>72.\n#### 72"},
 ]
-OPTIM = dict(lr=1e-2, batch_size=4, grad_accum=1, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_len=160)
+MANY = [{"question": f"Ann has {a} pens and gets {b} more. How many?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
+        for a in range(2, 6) for b in range(2, 4)]  # 8 rows
+OPTIM = dict(lr=1e-2, batch_size=4, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_len=160)
 LORA = {"kind": "lora", "r": 4, "alpha": 8}
-ROLLOUT = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0}
+ROLLOUT = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
 
 
-def opd_params(**over) -> Opd:
-    body = dict(OPTIM, adapter=LORA, signal="continuation", states="student", init="base", steps=2, prompts_per_step=2,
-                rollout=ROLLOUT, continuation={"cuts": 2, "cut_rule": "uniform", "length": 4, "temperature": 0.0},
-                kl={"direction": "reverse", "estimator": "full"})
-    return Opd.model_validate(methods_merge(body, over))
-
-
-def methods_merge(body, over):
+def merged(body, over):
     out = copy.deepcopy(body)
     for k, v in over.items():
         out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def test_pad_batch_marks_states_and_left_truncates():
-    ids, attn, st = methods.pad_batch([[1, 2, 3, 4, 5], [6, 7]], [[1, 3], [0]], pad_id=0, max_len=4)
-    assert ids.tolist() == [[2, 3, 4, 5], [6, 7, 0, 0]]
-    assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert st.tolist() == [[1, 0, 1, 0], [1, 0, 0, 0]]  # position 1 -> 0 and 3 -> 2 after dropping one token
+def opd_params(**over) -> Opd:
+    body = dict(OPTIM, adapter=LORA, signal="continuation", states="student", init="base", steps=2, prompts_per_step=2,
+                gen_batch_size=4, rollout=ROLLOUT, continuation={"cuts": 2, "cut_rule": "uniform", "length": 4, "temperature": 0.0},
+                kl={"direction": "reverse", "estimator": "full"})
+    return Opd.model_validate(merged(body, over))
 
 
-@pytest.mark.parametrize("rule,expect", [("stride", [0, 2, 5, 7]), ("uniform", None)])
-def test_cut_points(rule, expect):
-    cuts = methods.cut_points(10, 4, rule, random.Random(0))
-    assert len(cuts) == 4 and all(0 <= c <= 10 for c in cuts) and cuts == sorted(cuts)
-    if expect is not None:
-        assert cuts == expect
-    assert methods.cut_points(10, 4, rule, random.Random(0)) == cuts
-    with pytest.raises(ValueError, match="zigzag"):
-        methods.cut_points(10, 4, "zigzag", random.Random(0))
+def rl_params(**over) -> Rl:
+    body = dict(OPTIM, adapter=LORA, init="base", steps=2, prompts_per_step=2, group_size=3, gen_batch_size=6, rollout=ROLLOUT,
+                loss_agg="token_mean", std_norm=True, kl_coef=0.0, clip_eps=0.2, inner_steps=1)
+    return Rl.model_validate({**body, **over})
 
 
-def test_continuation_signal_masks_exactly_the_teacher_tokens(tiny_tokenizer):
+def sft_params(**over) -> Sft:
+    return Sft.model_validate({**OPTIM, "adapter": LORA, "epochs": 1, **over})
+
+
+class FakeEngine:
+    """A `RolloutEngine` that records what it is asked: completions are seeded random ids ending with EOS."""
+
+    def __init__(self, eos_id: int, events: list | None = None, fixed_len: int | None = None):
+        self.eos_id, self.fixed_len = eos_id, fixed_len
+        self.events = [] if events is None else events
+        self.calls: list[tuple[list[list[int]], int]] = []  # (prompts, seed) per generate call
+        self.synced: list = []
+
+    def sync(self, policy) -> None:
+        self.synced.append(policy)
+        self.events.append("sync")
+
+    def generate(self, prompt_ids, params, seed) -> Rollouts:
+        self.events.append("generate")
+        self.calls.append(([list(p) for p in prompt_ids], seed))
+        rng = random.Random(seed)
+        lens = [self.fixed_len if self.fixed_len is not None else rng.randint(0, 6) for _ in prompt_ids]
+        bodies = [[rng.randrange(2, 300) for _ in range(n)] for n in lens]
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=[b + [self.eos_id] for b in bodies],
+            answer_lens=[len(b) for b in bodies],
+            texts=[f"sample {seed} {i}" for i in range(len(bodies))],
+            logprobs=[[0.0] * (len(b) + 1) for b in bodies],
+            finished=[True] * len(bodies),
+        )
+
+
+class FixedSource:
+    """A state source that returns the same States at every draw, and counts its draws."""
+
+    def __init__(self, states: States):
+        self.states, self.origin, self.draws = states, states.origin, 0
+
+    def draw(self, policy, gathered=contextlib.nullcontext) -> States:
+        self.draws += 1
+        return self.states
+
+
+class RecordingAccelerator(Accelerator):
+    """The loop's accelerator, recording each optimizer step's gradient (before clipping)."""
+
+    def __init__(self):
+        super().__init__(step_scheduler_with_optimizer=False)
+        self.grads: list[list[torch.Tensor]] = []
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        self.grads.append([p.grad.detach().clone() for p in parameters])
+        return super().clip_grad_norm_(parameters, max_norm, norm_type)
+
+
+def run_train(lm, method, p, steps, **kw):
+    logged = []
+    result = train(lm, method, p, steps, pad_id=0, progress=False, log=lambda step, m, dt=None: logged.append(dict(m)), **kw)
+    return result, logged
+
+
+# --------------------------------------------------------------------------- Supervised: micro-batches, units
+
+
+def test_micro_batches_truncate_left_and_gather_state_positions():
+    sup = Supervised("tokens", [[1, 2, 3, 4, 5], [6, 7]], [[1, 3], [0]], [2, 1], "test")
+    (m,) = sup.micro_batches(8, max_len=4, pad_id=0)
+    assert m.ids_BT.tolist() == [[2, 3, 4, 5], [6, 7, 0, 0]]  # row 0 lost its first token
+    assert m.attn_BT.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert m.pos_N.tolist() == [0, 2, 4]  # flat row * T + t: positions 1, 3 -> 0, 2 in row 0; 0 in row 1
+    assert m.target_N.tolist() == [3, 5, 7] and m.row_N.tolist() == [0, 0, 1] and m.rows == [0, 1]
+    assert m.adv_N is None and m.old_logp_N is None
+    assert sup.micro_batches(8, 4, 0)[0] is m  # cached: a reused batch keeps its micro-batches
+    small = sup.micro_batches(1, 4, 0)
+    assert [x.rows for x in small] == [[0], [1]]  # longest first, one row each, each padded to its own length
+    assert [tuple(x.ids_BT.shape) for x in small] == [(1, 4), (1, 2)]
+    # a state at a row's last token (one-step KL) has no target: the pad id stands in
+    end = Supervised("distribution", [[1, 2, 3]], [[2]], [1], "test").micro_batches(4, 8, pad_id=9)[0]
+    assert end.pos_N.tolist() == [2] and end.target_N.tolist() == [9]
+    # reward rows carry their advantage to every state
+    rew = Supervised("reward", [[1, 2, 3], [4, 5, 6, 7]], [[0, 1], [1, 2]], [1, 2], "test", adv=[0.5, -2.0])
+    (rm,) = rew.micro_batches(8, 8, 0)
+    assert rm.rows == [1, 0] and rm.adv_N.tolist() == [-2.0, -2.0, 0.5, 0.5]
+
+
+def test_units_count_states_or_sequences_after_truncation():
+    sup = Supervised("tokens", [[1, 2, 3, 4, 5], [6, 7]], [[1, 3], [0]], [2, 1], "test")
+    assert sup.units("token_mean", 4) == 3 and sup.units("sequence_mean", 4) == 2
+    assert sup.units("token_mean", 2) == 2 and sup.units("sequence_mean", 2) == 2  # row 0 keeps position 3 only
+    one = Supervised("tokens", [[1, 2, 3, 4, 5], [6, 7]], [[1], [0]], [2, 1], "test")
+    assert one.units("token_mean", 2) == 1 and one.units("sequence_mean", 2) == 1  # row 0 lost its only state
+    assert one.units("sequence_mean", 5) == 2
+
+
+def _ragged_states(vocab: int, with_texts: bool) -> States:
+    """8 rows, 2 groups of 4, of different lengths; with max_len 12 several are left-truncated."""
+    gen = torch.Generator().manual_seed(11)
+    plens, ylens = [3, 9, 5, 2, 7, 4, 6, 3], [4, 10, 2, 8, 14, 3, 6, 1]
+    draw = lambda n: torch.randint(2, vocab, (n,), generator=gen).tolist()
+    return States(
+        origin="learner" if with_texts else "dataset",
+        prompt_ids=[draw(n) for n in plens],
+        prefix_ids=[draw(n) for n in ylens],
+        rows=[{"question": "q", "answer": "#### 1"}] * 8,
+        group=[0, 0, 0, 0, 1, 1, 1, 1],
+        all_prefixes=True,
+        texts=["a", "bb", "c", "dddd", "ee", "f", "ggg", "hh"] if with_texts else None,
+    )
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean"])
+@pytest.mark.parametrize("kind", ["tokens", "reward"])
+def test_step_loss_and_gradient_do_not_depend_on_micro_batching(tiny_tokenizer, kind, agg):
+    states = _ragged_states(len(tiny_tokenizer), with_texts=kind == "reward")
+    signal = methods.GoldTokens() if kind == "tokens" else methods.Reward(True, lambda text, answer: float(len(text) % 2))
+    cfg = LossConfig(kind=kind, agg=agg)
+    runs = {}
+    for bs in (2, 64):
+        model = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.3), sft_params().adapter)
+        give_lora_weights(model)
+        acc = RecordingAccelerator()
+        p = sft_params(batch_size=bs, max_len=12)
+        result, logged = run_train(model, Method("m", FixedSource(states), signal, cfg), p, 1, accelerator=acc)
+        runs[bs] = (logged[0], acc.grads[0])
+    (m2, g2), (m64, g64) = runs[2], runs[64]
+    sup = signal.supervise(states, None)
+    assert sup.units("token_mean", 12) < sum(len(p) for p in sup.positions)  # truncation drops states
+    assert len(sup.micro_batches(2, 12, 0)) == 4 and len(sup.micro_batches(64, 12, 0)) == 1
+    assert m2["states"] == m64["states"] == sum(len(m.pos_N) for m in sup.micro_batches(64, 12, 0))
+    assert m2["loss"] == pytest.approx(m64["loss"], rel=1e-5, abs=1e-6)  # reward, sequence mean, first pass: ~0
+    assert m2["grad_norm"] == pytest.approx(m64["grad_norm"], rel=1e-5)
+    scale = max(float(g.abs().max()) for g in g64)
+    assert scale > 1e-3
+    for a, b in zip(g2, g64, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * scale
+
+
+def test_step_loss_is_the_mean_over_the_step_units(tiny_tokenizer):
+    # the logged loss is the objective's sum over the whole step batch / units: token mean of -log p
+    states = _ragged_states(len(tiny_tokenizer), with_texts=False)
+    model = build_tiny_model(tiny_tokenizer, init_std=0.3)
+    sup = methods.GoldTokens().supervise(states, None)
+    with torch.no_grad():
+        values = torch.cat([StateObjective(model, LossConfig()).state_values(m)[0] for m in sup.micro_batches(64, 12, 0)])
+    _, logged = run_train(model, Method("m", FixedSource(states), methods.GoldTokens()), sft_params(max_len=12, adapter={"kind": "full"}), 1)
+    assert len(values) == sup.units("token_mean", 12)
+    assert logged[0]["loss"] == pytest.approx(values.mean().item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- shards and sources
+
+
+def test_shard_take_splits_disjointly_and_refuses_uneven_splits():
+    items = list(range(12))
+    parts = [Shard(r, 3).take(items, "rows per step") for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    assert sorted(sum(parts, [])) == items
+    assert Shard().take(items, "x") == items
+    with pytest.raises(ValueError, match=r"rows per step: 12 per step cannot be split evenly over 5 processes"):
+        Shard(0, 5).take(items, "rows per step")
+
+
+def test_dataset_states_draw_rows_per_step_and_shard_them(tiny_tokenizer):
+    whole = methods.DatasetStates(MANY, tiny_tokenizer, 4, seed=3)
+    ranks = [methods.DatasetStates(MANY, tiny_tokenizer, 4, seed=3, shard=Shard(r, 2)) for r in range(2)]
+    for _ in range(4):  # two epochs
+        st = whole.draw(None)
+        parts = [src.draw(None) for src in ranks]
+        g = whole.drawn[-1]
+        assert len(g) == 4
+        assert [src.drawn[-1] for src in ranks] == [g[0::2], g[1::2]]
+        assert [p.rows for p in parts] == [[MANY[i] for i in g[0::2]], [MANY[i] for i in g[1::2]]]
+        assert st.all_prefixes and st.origin == "dataset" and st.group == [0, 1, 2, 3]
+        assert st.prompt_ids == [methods.encode_prompt(tiny_tokenizer, MANY[i]) for i in g]
+        assert st.prefix_ids == [methods.encode_gold(tiny_tokenizer, MANY[i]) for i in g]
+        assert all(y[-1] == tiny_tokenizer.eos_token_id for y in st.prefix_ids)
+    assert sorted(whole.drawn[0] + whole.drawn[1]) == list(range(8))  # every row once per epoch
+    assert sorted(whole.drawn[2] + whole.drawn[3]) == list(range(8))
+    assert whole.drawn[:2] != whole.drawn[2:]  # reshuffled
+    with pytest.raises(ValueError, match="4 per step cannot be split evenly over 3"):
+        methods.DatasetStates(MANY, tiny_tokenizer, 4, seed=3, shard=Shard(0, 3)).draw(None)
+
+
+def _rollout_source(tok, engine, who="learner", shard=Shard(), prompts=2, G=3, gen_batch=64, cuts=None, rows=MANY):
+    sampling = rl_params().rollout
+    return methods.RolloutStates(who, rows, tok, sampling, prompts, G, ("train", "x", 0), gen_batch, cuts=cuts,
+                                 teacher=object() if who == "teacher" else None, shard=shard, engine=engine)
+
+
+def test_learner_source_draws_prompts_times_group_from_current_weights(tiny_tokenizer):
+    events = []
+    engine = FakeEngine(tiny_tokenizer.eos_token_id, events)
+    src = _rollout_source(tiny_tokenizer, engine)
+
+    @contextlib.contextmanager
+    def gathered():
+        events.append("gather")
+        yield
+        events.append("release")
+
+    policy = object()
+    order = methods.Epochs(len(MANY), stream_seed("train", "x", 0, "prompts")).take(4)
+    for call in range(2):
+        st = src.draw(policy, gathered)
+        step = order[2 * call : 2 * call + 2]
+        assert st.origin == "learner" and st.all_prefixes
+        assert st.group == [0, 0, 0, 1, 1, 1] and st.rows == [MANY[i] for i in step for _ in range(3)]
+        prompts, seed = engine.calls[call]
+        assert prompts == [methods.encode_prompt(tiny_tokenizer, MANY[i]) for i in step for _ in range(3)]
+        assert seed == stream_seed("train", "x", 0, "rollouts", call, 0)
+        out = FakeEngine(tiny_tokenizer.eos_token_id).generate(prompts, None, seed)
+        assert st.prefix_ids == out.completion_ids and st.texts == out.texts  # through the terminator
+    # every draw syncs the policy's current weights (inside `gathered`) before it samples
+    assert events == ["gather", "sync", "release", "generate"] * 2 and engine.synced == [policy, policy]
+
+
+def test_teacher_states_are_drawn_ahead_without_syncing(tiny_tokenizer):
+    engine = FakeEngine(tiny_tokenizer.eos_token_id)
+    src = _rollout_source(tiny_tokenizer, engine, who="teacher", G=1, gen_batch=4)
+    draws = [src.draw(object()) for _ in range(3)]
+    assert len(engine.calls) == 2 and engine.synced == []  # 4 rollouts per generate call: two steps each
+    order = methods.Epochs(len(MANY), stream_seed("train", "x", 0, "prompts")).take(8)
+    for k, st in enumerate(draws):
+        assert st.origin == "teacher" and st.group == [0, 1]
+        assert st.rows == [MANY[i] for i in order[2 * k : 2 * k + 2]]  # the prompt stream, in step order
+    assert [len(p) for p, _ in engine.calls] == [4, 4]
+
+
+def test_rollout_streams_differ_by_rank_and_prompts_are_sharded(tiny_tokenizer):
+    engines = [FakeEngine(tiny_tokenizer.eos_token_id) for _ in range(3)]
+    whole = _rollout_source(tiny_tokenizer, engines[0], prompts=4, G=2)
+    ranks = [_rollout_source(tiny_tokenizer, engines[1 + r], shard=Shard(r, 2), prompts=4, G=2) for r in range(2)]
+    st = whole.draw(None)
+    parts = [src.draw(None) for src in ranks]
+    step = [st.rows[i] for i in range(0, 8, 2)]  # the global step's 4 prompts
+    assert [p.rows[::2] for p in parts] == [step[0::2], step[1::2]]  # whole prompt groups per rank
+    seeds = [e.calls[0][1] for e in engines[1:]]
+    assert seeds == [stream_seed("train", "x", 0, "rollouts", 0, r) for r in range(2)] and seeds[0] != seeds[1]
+    assert parts[0].prefix_ids != parts[1].prefix_ids
+    with pytest.raises(ValueError, match="prompts per step: 4 per step cannot be split evenly over 3"):
+        _rollout_source(tiny_tokenizer, engines[0], shard=Shard(0, 3), prompts=4)
+
+
+def test_cut_streams_differ_by_rank(tiny_tokenizer):
+    from poststate.params import Continuation
+
+    cuts = Continuation(cuts=2, cut_rule="uniform", length=4, temperature=0.0)
+
+    def cut_lengths(rank):  # every rollout has a 10-token answer, whatever the seed: only the cut stream varies
+        src = _rollout_source(tiny_tokenizer, FakeEngine(tiny_tokenizer.eos_token_id, fixed_len=10), shard=Shard(rank, 2),
+                              prompts=8, G=1, cuts=cuts)
+        return [len(y) for _ in range(3) for y in src.draw(None).prefix_ids]
+
+    assert cut_lengths(0) == cut_lengths(0) and len(cut_lengths(0)) == 24
+    assert cut_lengths(0) != cut_lengths(1)
+
+
+def test_cut_points_distinct_inside_the_answer():
+    rng = random.Random(0)
+    for n in range(0, 12):
+        for k in (1, 3, 5):
+            cuts = methods.cut_points(n, k, "uniform", rng)
+            assert cuts == sorted(set(cuts)) and len(cuts) == min(k, n + 1) and all(0 <= c <= n for c in cuts)
+    assert methods.cut_points(2, 5, "uniform", rng) == [0, 1, 2]  # all of them when fewer than K
+    assert methods.cut_points(10, 4, "stride", rng) == [0, 2, 5, 8]  # i * 11 // 4
+    assert methods.cut_points(0, 3, "stride", rng) == [0]
+    seen = {c for _ in range(200) for c in methods.cut_points(5, 2, "uniform", rng)}
+    assert seen == set(range(6))  # every cut in [0, answer_len] is reachable
+    assert methods.cut_points(10, 4, "uniform", random.Random(5)) == methods.cut_points(10, 4, "uniform", random.Random(5))
+    with pytest.raises(ValueError, match="'zigzag'"):
+        methods.cut_points(10, 4, "zigzag", rng)
+    with pytest.raises(ValueError, match="got 0"):
+        methods.cut_points(10, 0, "uniform", rng)
+
+
+def test_stride_cuts_all_positions_when_fewer_than_k():
+    rng = random.Random(0)
+    assert methods.cut_points(2, 5, "stride", rng) == [0, 1, 2]
+    for n in range(0, 12):
+        for k in (1, 3, 5):
+            assert len(methods.cut_points(n, k, "stride", rng)) == min(k, n + 1)
+
+
+def test_cut_states_never_contain_the_terminator(tiny_tokenizer):
+    from poststate.params import Continuation
+
+    engine = FakeEngine(tiny_tokenizer.eos_token_id)
+    src = _rollout_source(tiny_tokenizer, engine, prompts=4, G=1, cuts=Continuation(cuts=3, cut_rule="uniform", length=4, temperature=0.0))
+    st = src.draw(None)
+    prompts, seed = engine.calls[0]
+    out = FakeEngine(tiny_tokenizer.eos_token_id).generate(prompts, None, seed)
+    assert not st.all_prefixes and st.texts is None
+    for g in range(4):
+        ys = [y for y, gg in zip(st.prefix_ids, st.group) if gg == g]
+        full, n = out.completion_ids[g], out.answer_lens[g]
+        assert 1 <= len(ys) == min(3, n + 1) and len({len(y) for y in ys}) == len(ys)
+        for y in ys:
+            assert y == full[: len(y)] and len(y) <= n and tiny_tokenizer.eos_token_id not in y
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_gold_tokens_supervise_every_answer_token(tiny_tokenizer):
+    st = methods.DatasetStates(ROWS, tiny_tokenizer, 2, seed=0).draw(None)
+    sup = methods.GoldTokens().supervise(st, None)
+    for x, y, s, pos, plen in zip(st.prompt_ids, st.prefix_ids, sup.seqs, sup.positions, sup.prompt_lens):
+        assert s == x + y and plen == len(x)
+        assert pos == list(range(len(x) - 1, len(x) + len(y) - 1))
+        assert [s[p + 1] for p in pos] == y  # targets: the gold tokens through EOS, no prompt token
+    with pytest.raises(ValueError, match="all_prefixes"):
+        methods.GoldTokens().supervise(States("learner", [[1]], [[2]], [{}], [0], False), None)
+
+
+def test_continuation_signal_supervises_exactly_the_teacher_tokens(tiny_tokenizer):
     teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5)
     states = States("learner", [[5, 6, 7], [8, 9]], [[10, 11], []], ROWS, [0, 1], all_prefixes=False)
-    p = opd_params().continuation
-    signal = methods.TeacherContinuation(teacher, tiny_tokenizer, p, max_len=64, batch_size=2, seed=0, max_new_tokens=12)
-    sup = signal.supervise(states, teacher)
-    for b, (x, y) in enumerate(zip(states.prompt_ids, states.prefix_ids)):
-        n = int(sup.attn_BT[b].sum())
-        cont = sup.ids_BT[b, len(x) + len(y) : n].tolist()
-        assert 1 <= len(cont) <= 4
-        marked = sup.state_BT[b].nonzero().flatten().tolist()
-        # the marked states are exactly those whose next token is a teacher token
-        assert marked == list(range(len(x) + len(y) - 1, n - 1))
-        assert sup.ids_BT[b, : len(x) + len(y)].tolist() == x + y
+    signal = methods.TeacherContinuation(teacher, tiny_tokenizer, opd_params().continuation, 4, ("t", 0), max_new_tokens=8)
+    sup = signal.supervise(states, None)
+    assert sup.kind == "tokens" and signal.calls == 1
+    conts = []
+    for x, y, s, pos in zip(states.prompt_ids, states.prefix_ids, sup.seqs, sup.positions):
+        cont = s[len(x) + len(y):]
+        conts.append(cont)
+        assert s[: len(x) + len(y)] == x + y and 1 <= len(cont) <= 4
+        assert pos == list(range(len(x) + len(y) - 1, len(s) - 1))  # exactly the states predicting teacher tokens
+    # greedy (temperature 0): the continuation is the teacher's argmax, token by token
+    for x, y, cont in zip(states.prompt_ids, states.prefix_ids, conts):
+        ctx = x + y
+        for tok in cont:
+            with torch.no_grad():
+                assert int(teacher(torch.tensor([ctx])).logits[0, -1].argmax()) == tok
+            ctx = ctx + [tok]
+    assert sup.stats["teacher_tokens"] == sum(map(len, conts)) == signal.generated_tokens
 
 
-def test_gold_tokens_mark_every_answer_token(tiny_tokenizer):
-    src = methods.DatasetStates(ROWS, tiny_tokenizer, batch_size=2, seed=0)
-    st = src.draw(None)
-    sup = methods.GoldTokens(tiny_tokenizer, max_len=256).supervise(st, None)
-    for b, (x, y) in enumerate(zip(st.prompt_ids, st.prefix_ids)):
-        marked = sup.state_BT[b].nonzero().flatten()
-        assert marked.tolist() == list(range(len(x) - 1, len(x) + len(y) - 1))
-        assert sup.ids_BT[b, marked + 1].tolist() == y  # targets are the gold tokens (+EOS), no prompt token
-        assert y[-1] == tiny_tokenizer.eos_token_id
+def test_distribution_signals_positions(tiny_tokenizer):
+    teacher = object()
+    cut = States("learner", [[5, 6, 7], [8, 9]], [[10, 11], []], ROWS, [0, 1], all_prefixes=False)
+    sup = methods.TeacherDistribution(teacher).supervise(cut, None)
+    assert sup.kind == "distribution" and sup.teacher is teacher
+    assert sup.positions == [[4], [1]]  # the state x + y[:c] itself, at its last token
+    whole = States("learner", [[5, 6, 7]], [[10, 11, 12]], ROWS[:1], [0], all_prefixes=True)
+    sampled = methods.TeacherSampledLogp(teacher).supervise(whole, None)
+    assert sampled.kind == "sampled_kl" and sampled.positions == [[2, 3, 4]]
+    with pytest.raises(ValueError, match="all_prefixes"):
+        methods.TeacherSampledLogp(teacher).supervise(cut, None)
 
 
-def _changed(before, model) -> bool:
-    after = {k: v for k, v in model.state_dict().items()}
-    return any(not torch.equal(before[k], after[k]) for k in before)
+def test_reward_scores_the_texts_and_gives_group_relative_advantages(tiny_tokenizer):
+    from poststate import scoring
+
+    assert methods.Reward(True).reward_fn is scoring.gsm8k_reward  # the eval's own scorer
+    texts = [" so 3 + 4 = 7.\n#### 7", " #### 8", " 3 + 4 = 7.\n#### 7", " the answer is 7", " #### 9", " #### 6", " #### 5", " #### 4"]
+    # the completion ids decode to something else: the reward must read `texts`, not the ids
+    states = States("learner", [[5, 6]] * 8, [[7, 8, 9]] * 4 + [[7]] * 4, [ROWS[0]] * 8, [0] * 4 + [1] * 4, True, texts)
+    sup = methods.Reward(True).supervise(states, None)
+    s = (1 / 3) ** 0.5  # sample std of [1, 0, 1, 0]
+    assert sup.kind == "reward"
+    assert sup.adv == pytest.approx([0.5 / (s + 1e-4), -0.5 / (s + 1e-4)] * 2 + [0.0] * 4, rel=1e-6)
+    assert sup.stats == pytest.approx({"reward_mean": 0.25, "zero_spread_groups": 0.5, "completion_len": 2.0})
+    assert sup.positions[0] == [1, 2, 3] and sup.seqs[0] == [5, 6, 7, 8, 9]
+    mean_only = methods.Reward(False).supervise(states, None)
+    assert mean_only.adv == pytest.approx([0.5, -0.5, 0.5, -0.5] + [0.0] * 4)
+    with pytest.raises(ValueError, match="texts"):
+        methods.Reward(True).supervise(States("learner", [[1]], [[2]], ROWS[:1], [0], True), None)
+
+
+# --------------------------------------------------------------------------- PPO epochs
+
+
+class KeepBatches:
+    """A signal wrapper that keeps every Supervised it hands the loop."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def supervise(self, states, policy):
+        sup = self.inner.supervise(states, policy)
+        self.batches.append(sup)
+        return sup
+
+
+def test_ppo_epochs_reuse_the_batch_and_its_stored_pi_old(tiny_tokenizer):
+    states = _ragged_states(len(tiny_tokenizer), with_texts=True)
+    source = FixedSource(states)
+    signal = KeepBatches(methods.Reward(True, lambda text, answer: float(len(text) % 2)))
+    policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.3), rl_params().adapter)
+    give_lora_weights(policy)
+    initial = copy.deepcopy(policy)
+    p = rl_params(inner_steps=2, lr=0.05, batch_size=3, max_len=12)
+    cfg = LossConfig(kind="reward", clip_eps=p.clip_eps)
+    snapshots, logged = [], []
+
+    def log(step, metrics, dt=None):
+        logged.append(dict(metrics))
+        snapshots.append(copy.deepcopy(policy))  # the weights after this step's update
+
+    result = train(policy, Method("rl", source, signal, cfg, reuse=p.inner_steps), p, 4, pad_id=0, progress=False, log=log)
+    assert source.draws == 2 and len(signal.batches) == 2  # one draw per two optimizer steps
+    assert result.steps == 4 and len(logged) == 4
+    assert [m["clip_frac"] == 0 for m in logged] == [True, False, True, False]  # ratio 1 on a batch's first pass only
+    assert logged[0]["lr"] != logged[1]["lr"]  # every reuse is its own optimizer (and scheduler) step
+    # step 1 is the PPO loss of the step-0 weights against pi_old = the weights the batch was drawn with
+    sup = signal.batches[0]
+    total = 0.0
+    for m in sup.micro_batches(p.batch_size, p.max_len, 0):
+        m = m.to("cpu")  # a copy: the stored pi_old, not the loop's
+        with torch.no_grad():
+            values, _ = StateObjective(initial, LossConfig(kind="tokens")).state_values(m)
+            m.old_logp_N = -values
+            total += float(StateObjective(snapshots[0], cfg)(m)[0])
+    assert logged[1]["loss"] == pytest.approx(total / sup.units("token_mean", p.max_len), rel=1e-5)
+    assert logged[1]["loss"] != pytest.approx(logged[0]["loss"], rel=1e-3)
+
+
+def test_rl_has_no_grad_accum():
+    with pytest.raises(ValidationError, match="grad_accum"):
+        rl_params(grad_accum=2)
+
+
+# --------------------------------------------------------------------------- smoke runs, one per method
+
+
+def _state_dict(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _smoke(model, method, p, steps=2):
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train(model, method, p, steps, progress=False)
-    assert result.steps == steps and result.states > 0
-    assert torch.isfinite(torch.tensor(result.last["loss"]))
-    assert _changed(before, model)
-    return result
+    before = _state_dict(model)
+    result, logged = run_train(model, method, p, steps)
+    assert result.steps == steps == len(logged)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.states == sum(m["states"] for m in logged) > 0
+    assert result.tokens == sum(m["tokens"] for m in logged) > result.states
+    assert result.sample and all(s["origin"] == method.source.origin for s in result.sample)
+    assert result.generated_tokens == getattr(method.source, "generated_tokens", 0) + getattr(method.signal, "generated_tokens", 0)
+    return result, logged
 
 
 @pytest.mark.parametrize("adapter", [LORA, {**LORA, "forward": "merged"}, {"kind": "full"}], ids=["lora", "lora_merged", "full"])
-def test_sft_smoke_lora_and_full(tiny_tokenizer, adapter):
-    p = Sft.model_validate(dict(OPTIM, adapter=adapter, epochs=1, length_groups=2))
+def test_sft_smoke(tiny_tokenizer, adapter):
+    p = sft_params(adapter=adapter, batch_size=1, grad_accum=2)
     model = with_adapter(build_tiny_model(tiny_tokenizer), p.adapter)
     trainable = [n for n, q in model.named_parameters() if q.requires_grad]
     if adapter["kind"] == "lora":
         assert trainable and all("lora_" in n for n in trainable)
     else:
         assert len(trainable) == len(list(model.parameters()))
-    _smoke(model, methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0), p)
+    method = methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0)
+    result, _ = _smoke(model, method, p)
+    # a step batch is batch_size x grad_accum = 2 rows; every gold token (through EOS) is a state
+    assert [len(d) for d in method.source.drawn] == [2, 2]
+    gold = {i: len(methods.encode_gold(tiny_tokenizer, ROWS[i])) for i in range(2)}
+    assert result.states == sum(gold[i] for d in method.source.drawn for i in d) and result.generated_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -114,18 +522,28 @@ def test_sft_smoke_lora_and_full(tiny_tokenizer, adapter):
         {"signal": "one_step_kl", "kl": {"direction": "forward"}},
         {"signal": "token_kl"},
         {"signal": "token_kl", "kl": {"estimator": "sampled"}},
-        {"states": "teacher"},  # offline SeqKD control
+        {"states": "teacher"},  # the teacher-state control
     ],
-    ids=["continuation", "one_step_kl", "token_kl_full", "token_kl_sampled", "seqkd"],
+    ids=["continuation", "one_step_kl", "token_kl_full", "token_kl_sampled", "teacher_states"],
 )
 def test_opd_smoke_each_signal(tiny_tokenizer, over):
     p = opd_params(**over)
     teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5).requires_grad_(False)
     student = with_adapter(build_tiny_model(tiny_tokenizer, seed=0), p.adapter)
     method = methods.opd_method("opd", ROWS, tiny_tokenizer, teacher, p, seed=0)
-    assert method.source.origin == ("teacher" if over.get("states") == "teacher" else "learner")
-    result = _smoke(student, method, p)
-    assert all(s["origin"] == method.source.origin for s in result.sample)
+    want = {"continuation": "tokens", "one_step_kl": "distribution", "token_kl": "distribution"}[p.signal]
+    if p.kl.estimator == "sampled":
+        want = "sampled_kl"
+    assert method.loss.kind == want and method.loss.kl_direction == p.kl.direction
+    assert method.source.origin == ("teacher" if p.states == "teacher" else "learner")
+    result, logged = _smoke(student, method, p)
+    assert result.generated_tokens > 0 and method.source.generated_tokens > 0
+    if p.states == "teacher":
+        assert method.source.engine.syncs == 0 and method.source.calls == 1  # 2 steps x 2 rollouts fill one batch of 4
+    else:
+        assert method.source.engine.syncs == 2 and method.source.calls == 2
+    if want == "sampled_kl":
+        assert all("kl_estimate" in m for m in logged)
 
 
 def test_opd_sampled_forward_kl_is_rejected(tiny_tokenizer):
@@ -134,52 +552,31 @@ def test_opd_sampled_forward_kl_is_rejected(tiny_tokenizer):
         methods.opd_method("opd", ROWS, tiny_tokenizer, build_tiny_model(tiny_tokenizer), p, seed=0)
 
 
-def rl_params(**over) -> Rl:
-    body = dict(OPTIM, adapter=LORA, init="base", steps=2, prompts_per_step=2, group_size=4, rollout=ROLLOUT,
-                std_norm=True, kl_coef=0.1, clip_eps=0.2, inner_steps=1)
-    return Rl.model_validate({**body, **over})
-
-
-@pytest.mark.parametrize("inner", [1, 2])
-def test_rl_smoke(tiny_tokenizer, inner):
-    p = rl_params(inner_steps=inner, length_groups=inner)  # inner 2: reused batches run as 2 length groups
-    # reward 1 for even-length answers: a signal with spread on a random model
+@pytest.mark.parametrize("over", [{}, {"loss_agg": "sequence_mean", "kl_coef": 0.1, "inner_steps": 2, "std_norm": False}],
+                         ids=["token_mean", "sequence_mean_kl_ppo"])
+def test_rl_smoke(tiny_tokenizer, over):
+    p = rl_params(**over)
     policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), p.adapter)
     method = methods.rl_method("rl", ROWS, tiny_tokenizer, p, seed=0)
-    method.signal.reward_fn = lambda text, answer: float(len(text) % 2 == 0)
-    result = _smoke(policy, method, p)
-    assert "reward_mean" in result.last and "kl_ref" in result.last and "entropy" in result.last
-    assert method.source.calls == (2 if inner == 1 else 1)  # a reused batch is drawn once
-    groups = method.signal._cache[1].length_groups(p.length_groups)  # pi_old, stored by the batch's first pass
-    assert all(g.old_logp_BT is not None for g, _ in groups)
-
-
-def test_rl_reward_is_the_eval_scorer(tiny_tokenizer):
-    from poststate import scoring
-
-    assert methods.Reward(tiny_tokenizer, 64, True, 0.0).reward_fn is scoring.gsm8k_reward
-    for text, ok in [(" so 3 + 4 = 7.\n#### 7", 1.0), (" #### 8", 0.0), (" the answer is 7", 0.0)]:
-        assert scoring.gsm8k_reward(text, ROWS[0]["answer"]) == ok == float(scoring.gsm8k_score(text, ROWS[0]["answer"]).strict)
-
-
-def test_rollout_states_reproducible_under_seed(tiny_tokenizer):
-    p = rl_params()
-    model = build_tiny_model(tiny_tokenizer, init_std=0.5)
-    draw = lambda: methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4).draw(model)
-    a, b = draw(), draw()
-    assert a.prefix_ids == b.prefix_ids and len(a.prefix_ids) == 6
-    other = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 8, 4).draw(model)
-    assert other.prefix_ids != a.prefix_ids
+    assert method.reuse == p.inner_steps and method.loss.agg == p.loss_agg and method.loss.kl_coef == p.kl_coef
+    method.signal.reward_fn = lambda text, answer: float(len(text) % 2 == 0)  # a reward with spread on a random model
+    result, logged = _smoke(policy, method, p)
+    assert all({"reward_mean", "entropy", "clip_frac"} <= m.keys() for m in logged)
+    assert ("kl_ref" in logged[0]) == (p.kl_coef > 0)
+    assert method.source.calls == 2 // p.inner_steps  # a reused batch is drawn once
+    assert result.generated_tokens == method.source.generated_tokens > 0
 
 
 def test_loop_stops_on_nan_loss(tiny_tokenizer):
-    p = Sft.model_validate(dict(OPTIM, adapter={"kind": "full"}, epochs=1))
+    p = sft_params(adapter={"kind": "full"})
     model = build_tiny_model(tiny_tokenizer)
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("nan"))
-    method = methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0)
     with pytest.raises(NonFiniteLoss, match="step 0"):
-        train(model, method, p, 2, progress=False)
+        train(model, methods.sft_method("sft", ROWS, tiny_tokenizer, p, 0), p, 2, pad_id=0, progress=False)
+
+
+# --------------------------------------------------------------------------- the sampler follows the policy
 
 
 def _lora_policy(tiny_tokenizer):
@@ -188,6 +585,24 @@ def _lora_policy(tiny_tokenizer):
     policy = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.5), Adapter(kind="lora", r=4, alpha=8))
     give_lora_weights(policy)
     return policy
+
+
+def test_learner_rollouts_come_from_the_current_policy(tiny_tokenizer):
+    p = rl_params()
+    policy = _lora_policy(tiny_tokenizer)
+    stream = ("train", "t", 7)
+    new = lambda: methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, stream, 6)
+    source = new()
+    first = source.draw(policy)
+    assert new().draw(policy).prefix_ids == first.prefix_ids  # same stream, same weights
+    with torch.no_grad():
+        for n, w in policy.named_parameters():
+            if "lora_B" in n:
+                w.mul_(-3.0)
+    moved = new().draw(policy)
+    assert moved.prefix_ids != first.prefix_ids
+    source.calls, source.epochs = 0, methods.Epochs(len(ROWS), stream_seed(*stream, "prompts"))  # rewind the stream
+    assert source.draw(policy).prefix_ids == moved.prefix_ids  # the reused source re-synced to the new weights
 
 
 def test_sampling_copy_is_the_policy_merged_and_follows_its_updates(tiny_tokenizer):
@@ -224,140 +639,36 @@ def test_sampling_copy_of_a_full_model_is_the_model_and_refuses_untracked_traina
         SamplingCopy(policy)
 
 
-def test_learner_rollouts_come_from_the_current_policy(tiny_tokenizer):
-    p = rl_params()
-    policy = _lora_policy(tiny_tokenizer)
-    source = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
-    first = source.draw(policy)
-    fresh = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
-    assert fresh.draw(policy).prefix_ids == first.prefix_ids  # same seed, same weights
-    with torch.no_grad():
-        for n, w in policy.named_parameters():
-            if "lora_B" in n:
-                w.mul_(-3.0)
-    again = methods.RolloutStates("learner", ROWS, tiny_tokenizer, p.rollout, 2, 3, 7, 4)
-    moved = again.draw(policy)
-    source.calls, source.epochs, source.rng = 0, methods.Epochs(len(ROWS), 7), random.Random(7)  # rewind the reused source
-    assert source.draw(policy).prefix_ids == moved.prefix_ids != first.prefix_ids  # a reused source re-syncs
-
-
-# --------------------------------------------------------------------------- throughput options: same step
-
-
-def _supervised(tiny_tokenizer, kind: str):
-    """A real batch of each supervision kind, with rows of different lengths."""
-    model = build_tiny_model(tiny_tokenizer, init_std=0.5)
-    if kind == "tokens":
-        rows = ROWS + [{"question": "Ann has 2 pens. How many?", "answer": "#### 2"}, {"question": "Bo has 5 cups and 1 more.", "answer": "5 + 1 = 6.\n#### 6"}]
-        method = methods.sft_method("sft", rows, tiny_tokenizer, Sft.model_validate(dict(OPTIM, adapter=LORA, epochs=1)), 0)
-    elif kind == "reward":
-        method = methods.rl_method("rl", ROWS, tiny_tokenizer, rl_params(), seed=0)
-        method.signal.reward_fn = lambda text, answer: float(len(text) % 2 == 0)
-    else:
-        over = {"distribution": {"signal": "token_kl"}, "sampled_kl": {"signal": "token_kl", "kl": {"estimator": "sampled"}}}[kind]
-        teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5).requires_grad_(False)
-        method = methods.opd_method("opd", ROWS * 2, tiny_tokenizer, teacher, opd_params(prompts_per_step=4, **over), seed=0)
-    policy = with_adapter(model, Sft.model_validate(dict(OPTIM, adapter=LORA, epochs=1)).adapter)
-    give_lora_weights(policy)
-    sup = method.signal.supervise(method.source.draw(policy), policy)
-    assert sup.kind == kind
-    return policy, sup, method.loss
-
-
-def _loss_and_grads(policy, sup, cfg, k):
-    policy.zero_grad(set_to_none=True)
-    total, stats = 0.0, {}
-    for group, weight in sup.length_groups(k):
-        loss, st = methods.objective(policy(input_ids=group.ids_BT, attention_mask=group.attn_BT).logits, group, cfg)
-        (loss * weight).backward()
-        total += float(loss) * weight
-        for name, v in st.items():
-            stats[name] = stats.get(name, 0.0) + v * weight
-    return total, stats, {n: q.grad.clone() for n, q in policy.named_parameters() if q.requires_grad}
-
-
-@pytest.mark.parametrize("kind", ["tokens", "distribution", "sampled_kl", "reward"])
-def test_length_groups_give_the_whole_batch_loss_and_gradient(tiny_tokenizer, kind):
-    policy, sup, cfg = _supervised(tiny_tokenizer, kind)
-    lengths = sup.attn_BT.sum(1)
-    assert lengths.min() < lengths.max()  # a batch with padding to save
-    whole = _loss_and_grads(policy, copy.deepcopy(sup), cfg, 1)
-    for k in (2, 3):
-        fresh = copy.deepcopy(sup)  # pi_old (reward) is stored per group: start from the batch as drawn
-        groups = fresh.length_groups(k)
-        assert len(groups) == k and abs(sum(w for _, w in groups) - 1.0) < 1e-9
-        assert sum(g.ids_BT.numel() for g, _ in groups) < sup.ids_BT.numel()  # less padding forwarded
-        rows = sorted(tuple(g.ids_BT[i, : int(g.attn_BT[i].sum())].tolist()) for g, _ in groups for i in range(len(g.ids_BT)))
-        assert rows == sorted(tuple(sup.ids_BT[i, : int(sup.attn_BT[i].sum())].tolist()) for i in range(len(sup.ids_BT)))
-        loss, stats, grads = _loss_and_grads(policy, fresh, cfg, k)
-        assert loss == pytest.approx(whole[0], rel=1e-5, abs=1e-7)
-        assert stats.keys() == whole[1].keys() and all(stats[s] == pytest.approx(whole[1][s], rel=1e-5, abs=1e-6) for s in stats)
-        for name, g in grads.items():
-            assert torch.allclose(g, whole[2][name], rtol=1e-4, atol=1e-7), name
-
-
-def test_length_groups_are_kept_with_their_pi_old(tiny_tokenizer):
-    policy, sup, cfg = _supervised(tiny_tokenizer, "reward")
-    first = sup.length_groups(2)
-    _loss_and_grads(policy, sup, cfg, 2)
-    again = sup.length_groups(2)
-    assert [g for g, _ in again] == [g for g, _ in first] and all(g.old_logp_BT is not None for g, _ in again)
-    with torch.no_grad():  # a step: the reused batch's ratio is now taken against the stored pi_old
-        for n, q in policy.named_parameters():
-            if "lora_B" in n:
-                q.mul_(3.0)
-    assert _loss_and_grads(policy, sup, cfg, 2)[1]["clip_frac"] > 0
-
-
 def test_merged_lora_forward_is_peft_lora(tiny_tokenizer, tmp_path):
     from poststate.modeling import SamplingCopy
     from poststate.params import Adapter
 
     plain = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.1), Adapter(**LORA))
     give_lora_weights(plain)
-    merged = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.1), Adapter(**LORA, forward="merged"))
-    merged.load_state_dict(plain.state_dict())
-    assert merged.state_dict().keys() == plain.state_dict().keys()
+    merged_lora = with_adapter(build_tiny_model(tiny_tokenizer, init_std=0.1), Adapter(**LORA, forward="merged"))
+    merged_lora.load_state_dict(plain.state_dict())
+    assert merged_lora.state_dict().keys() == plain.state_dict().keys()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
     attn = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    want, got = plain(input_ids=ids, attention_mask=attn).logits, merged(input_ids=ids, attention_mask=attn).logits
+    want, got = plain(input_ids=ids, attention_mask=attn).logits, merged_lora(input_ids=ids, attention_mask=attn).logits
     assert torch.allclose(got, want, atol=1e-5)
     want.logsumexp(-1).sum().backward()
     got.logsumexp(-1).sum().backward()
-    for (n, a), (_, b) in zip(plain.named_parameters(), merged.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(plain.named_parameters(), merged_lora.named_parameters(), strict=True):
         assert (a.grad is None) == (b.grad is None), n
         if a.grad is not None:  # float rounding differs (B A is formed first), relative to the gradient's scale
             assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), n
-    with merged.disable_adapter(), plain.disable_adapter():
-        assert torch.equal(merged(input_ids=ids).logits, plain(input_ids=ids).logits)  # the base model
-    assert torch.allclose(SamplingCopy(merged).sync()(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+    with merged_lora.disable_adapter(), plain.disable_adapter():
+        assert torch.equal(merged_lora(input_ids=ids).logits, plain(input_ids=ids).logits)  # the base model
+    assert torch.allclose(SamplingCopy(merged_lora).sync()(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
     plain.save_pretrained(tmp_path / "plain")
-    merged.save_pretrained(tmp_path / "merged")
+    merged_lora.save_pretrained(tmp_path / "merged")
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "merged" / f).read_bytes(), f
 
 
 def test_merged_lora_forward_refuses_dropout():
-    from pydantic import ValidationError
-
     from poststate.params import Adapter
 
     with pytest.raises(ValidationError, match="dropout"):
         Adapter(kind="lora", dropout=0.1, forward="merged")
-
-
-def test_teacher_states_are_drawn_ahead_learner_states_each_step(tiny_tokenizer):
-    p = rl_params()
-    teacher = build_tiny_model(tiny_tokenizer, seed=1, init_std=0.5)
-    rows = ROWS * 3  # 6 prompts: one epoch of the seeded shuffle
-    ahead = methods.RolloutStates("teacher", rows, tiny_tokenizer, p.rollout, 2, 1, 7, batch_size=4, teacher=teacher)
-    draws = [ahead.draw(None) for _ in range(3)]
-    assert ahead.calls == 2  # 4 rollouts fill a generation batch: two steps per generate call
-    order = methods.Epochs(len(rows), 7).take(6)
-    for k, st in enumerate(draws):
-        assert st.origin == "teacher" and st.group == [0, 1]
-        assert st.rows == [rows[i] for i in order[2 * k : 2 * k + 2]]  # the prompt stream, in step order
-    learner = methods.RolloutStates("learner", rows, tiny_tokenizer, p.rollout, 2, 1, 7, batch_size=4)
-    for _ in range(3):
-        learner.draw(build_tiny_model(tiny_tokenizer, init_std=0.5))
-    assert learner.calls == 3

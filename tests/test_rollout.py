@@ -1,4 +1,5 @@
-"""Rollout engine: cutting rules, greedy exactness and batch invariance, seeded sampling, log-probs."""
+"""Rollout engine: how a completion ends (kept ids, answer length, text), greedy exactness and batch invariance,
+seeded sampling streams, log-probs aligned with the kept ids."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 from conftest import build_tiny_model
 
 from poststate.rollout import HFRolloutEngine, SamplingParams, cut_completion
+from poststate.streams import stream_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["Question: Tom has", "A", "The following are multiple choice questions", "She sold 48 clips in April"]
 
@@ -47,42 +51,73 @@ def test_sampling_params_reject_bad_values():
             SamplingParams(**kwargs)
 
 
+@pytest.fixture(scope="module")
+def tok_specials(tiny_tokenizer_with_pad):
+    """pad != EOS, plus two special tokens: <|im_end|> (a GSM8K stop string that is its own token) and <|x|>."""
+    tok = copy.deepcopy(tiny_tokenizer_with_pad)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|x|>"]})
+    return tok
+
+
+def _ends(tok):
+    return tok.eos_token_id, tok.pad_token_id
+
+
 def test_cut_keeps_eos_and_strips_trailing_pads(tiny_tokenizer_with_pad):
     tok = tiny_tokenizer_with_pad
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos, pad = _ends(tok)
     assert eos != pad
     body = _enc(tok, " has has")
-    assert cut_completion(body + [eos, pad, pad], tok, (), eos, pad) == (body + [eos], " has has", True)
-    # a row that stopped (or ran out) while its batch went on: trailing pads are not part of it
-    assert cut_completion(body + [pad, pad], tok, (), eos, pad) == (body, " has has", False)
-    assert cut_completion(body, tok, (), eos, pad) == (body, " has has", False)
+    assert cut_completion(body + [eos, pad, pad], tok, (), eos, pad) == (body + [eos], 2, " has has", True)
+    # unfinished (ran out of max_new_tokens): no terminator, the answer is the whole body
+    assert cut_completion(body, tok, (), eos, pad) == (body, 2, " has has", False)
+    assert cut_completion(body + [pad, pad], tok, (), eos, pad) == (body, 2, " has has", False)  # pads are not tokens of it
 
 
-def test_cut_at_earliest_stop_string(tiny_tokenizer_with_pad):
+def test_cut_at_a_stop_string_keeps_its_tokens(tiny_tokenizer_with_pad):
     tok = tiny_tokenizer_with_pad
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos, pad = _ends(tok)
     stops = ("Question:", "</s>")
     head = _enc(tok, "7 apples.\n")
+    through = _enc(tok, "7 apples.\nQuestion:")
     ids = _enc(tok, "7 apples.\nQuestion: What")
-    assert ids[: len(head)] == head and len(ids) > len(head)
-    assert cut_completion(ids + [pad], tok, stops, eos, pad) == (head, "7 apples.\n", True)
+    assert ids[: len(through)] == through and through[: len(head)] == head and len(through) - len(head) == 4  # Q uestio n :
+    # kept: through the token that completes the stop string; answer: the tokens before it; text: cut before it
+    assert cut_completion(ids + [pad], tok, stops, eos, pad) == (through, len(head), "7 apples.\n", True)
+    # a stop string before an EOS: cut at the stop string, the EOS is not kept
+    assert cut_completion(ids + [eos, pad], tok, stops, eos, pad) == (through, len(head), "7 apples.\n", True)
     # the earliest of two stop strings wins, whichever is listed first
     ids2 = _enc(tok, "a</s>b Question:")
-    kept, text, finished = cut_completion(ids2, tok, stops, eos, pad)
-    assert (text, finished) == ("a", True) and tok.decode(kept) == "a"
-    # a stop string before the EOS: cut there, EOS not kept
-    kept, text, finished = cut_completion(ids + [eos], tok, stops, eos, pad)
-    assert (kept, text, finished) == (head, "7 apples.\n", True)
-    # a stop string at the very start leaves an empty completion
-    assert cut_completion(_enc(tok, "Question: x"), tok, stops, eos, pad) == ([], "", True)
+    assert cut_completion(ids2, tok, stops, eos, pad) == (ids2[:5], 1, "a", True)  # a < / s >
+    # a stop string at the very start: an empty answer, the stop string's tokens kept
+    q = _enc(tok, "Question: x")
+    assert cut_completion(q, tok, stops, eos, pad) == (q[:4], 0, "", True)
 
 
-def test_cut_keeps_a_token_that_straddles_the_stop_string(tiny_tokenizer_with_pad):
+def test_cut_at_a_stop_string_inside_a_token(tiny_tokenizer_with_pad):
     tok = tiny_tokenizer_with_pad
     ids = _enc(tok, " has has")
     assert tok.convert_ids_to_tokens(ids) == ["Ġhas", "Ġhas"]
-    # stop "s h" starts inside the first " has": text is cut before it, the token covering " ha" stays
-    assert cut_completion(ids, tok, ("s h",), tok.eos_token_id, tok.pad_token_id) == (ids[:1], " ha", True)
+    # "s h" spans characters 3-5: the first token (" has", chars 0-3) ends after the stop string starts, so the
+    # answer has no whole token; the second token completes the stop string and is kept; the text is " ha"
+    assert cut_completion(ids, tok, ("s h",), *_ends(tok)) == (ids, 0, " ha", True)
+    # a stop string ending inside a token: that token is the one completing it
+    assert cut_completion(ids, tok, ("as h",), *_ends(tok)) == (ids, 0, " h", True)
+    assert cut_completion(ids, tok, (" ha",), *_ends(tok)) == (ids[:1], 0, "", True)
+
+
+def test_cut_at_a_special_token_stop_and_texts_skip_special_tokens(tok_specials):
+    tok = tok_specials
+    eos, pad = _ends(tok)
+    im_end, x = tok.convert_tokens_to_ids(["<|im_end|>", "<|x|>"])
+    body = _enc(tok, "7 apples.")
+    stops = ("Question:", "<|im_end|>")
+    # the stop string is one special token: kept as the terminator, absent from the text
+    assert cut_completion(body + [im_end, pad, pad], tok, stops, eos, pad) == (body + [im_end], len(body), "7 apples.", True)
+    # a special token that is no stop string: part of the completion, skipped in the text
+    mid = body[:1] + [x] + body[1:]
+    assert cut_completion(mid + [eos], tok, stops, eos, pad) == (mid + [eos], len(mid), "7 apples.", True)
+    assert tok.decode(mid, skip_special_tokens=False) == "7<|x|> apples."
 
 
 def test_cut_when_pad_is_eos(tiny_tokenizer):
@@ -90,12 +125,12 @@ def test_cut_when_pad_is_eos(tiny_tokenizer):
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos  # the Qwen3-Base convention
     body = _enc(tok, "Answer: 7")
-    assert cut_completion(body + [eos, eos, eos], tok, (), eos, eos) == (body + [eos], "Answer: 7", True)
+    assert cut_completion(body + [eos, eos, eos], tok, (), eos, eos) == (body + [eos], len(body), "Answer: 7", True)
     # stopped by a stop string, then pad (= EOS) filled: the pads are not an emitted EOS
     head = _enc(tok, " 7\n\n")
     ids = _enc(tok, " 7\n\nQuestion:")
     assert ids[: len(head)] == head
-    assert cut_completion(ids + [eos, eos], tok, ("Question:",), eos, eos) == (head, " 7\n\n", True)
+    assert cut_completion(ids + [eos, eos], tok, ("Question:",), eos, eos) == (ids, len(head), " 7\n\n", True)
 
 
 # --------------------------------------------------------------------------- engine
@@ -115,7 +150,7 @@ def test_greedy_logprobs_equal_a_full_forward(peaked_model, tiny_tokenizer, prom
         assert comp == logp_NV.argmax(-1).tolist()  # greedy: each token is the argmax of the full forward
         ref = logp_NV.gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=0)
-    assert out.prompt_ids == prompt_ids and out.finished == [False] * 4
+    assert out.prompt_ids == prompt_ids and out.finished == [False] * 4 and out.answer_lens == [24] * 4
     assert out.texts == [tiny_tokenizer.decode(c) for c in out.completion_ids]
 
 
@@ -158,25 +193,44 @@ def test_sampling_is_seeded_and_logprobs_are_under_the_processed_distribution(
         assert (keep_NV.sum(-1) < probs_NV.shape[-1]).any()  # top-p actually removed tokens
 
 
+def test_sampled_streams_do_not_share_random_state(peaked_model, tiny_tokenizer, prompt_ids):
+    # each batch is seeded from (seed, batch index) alone: another stream's draws in between, or other rows in
+    # another batch, change nothing
+    p = SamplingParams(16, temperature=1.0)
+    engine = HFRolloutEngine(peaked_model, tiny_tokenizer, 2)
+    a = engine.generate(prompt_ids, p, seed=stream_seed("train", "rl", 0, "rollouts", 0, 0))
+    HFRolloutEngine(peaked_model, tiny_tokenizer, 3).generate(prompt_ids[::-1], p, seed=stream_seed("drift", "x", 0))
+    b = engine.generate(prompt_ids, p, seed=stream_seed("train", "rl", 0, "rollouts", 0, 0))
+    assert a == b
+    other = engine.generate(prompt_ids[:2] + prompt_ids[:2], p, seed=stream_seed("train", "rl", 0, "rollouts", 0, 0))
+    assert other.completion_ids[:2] == a.completion_ids[:2]  # batch 0 does not see what batch 1 holds
+    rank1 = engine.generate(prompt_ids, p, seed=stream_seed("train", "rl", 0, "rollouts", 0, 1))
+    assert rank1.completion_ids != a.completion_ids
+    assert other.completion_ids[2:] != other.completion_ids[:2]  # batch 1's stream is not batch 0's
+
+
 def test_stop_strings_cut_the_same_greedy_rollout(peaked_model, tiny_tokenizer, prompt_ids):
-    free = HFRolloutEngine(peaked_model, tiny_tokenizer, 4).generate(prompt_ids, SamplingParams(40, 0.0), seed=0)
+    tok = tiny_tokenizer
+    free = HFRolloutEngine(peaked_model, tok, 4).generate(prompt_ids, SamplingParams(40, 0.0), seed=0)
     text0 = free.texts[0]
     k = next(i for i in range(4, len(text0) - 1) if text0[i : i + 2].isascii() and text0[i : i + 2].isalnum())
     stop = text0[k : k + 2]
-    engine = HFRolloutEngine(peaked_model, tiny_tokenizer, 4)
-    cut = engine.generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), seed=0)
+    cut = HFRolloutEngine(peaked_model, tok, 4).generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), seed=0)
     assert stop not in "".join(cut.texts)
     assert cut.finished[0]
-    for full_ids, full_text, full_lp, ids, text, lp, fin in zip(
-        free.completion_ids, free.texts, free.logprobs, cut.completion_ids, cut.texts, cut.logprobs, cut.finished,
-        strict=True,
+    for full_ids, full_text, full_lp, ids, n_ans, text, lp, fin in zip(
+        free.completion_ids, free.texts, free.logprobs, cut.completion_ids, cut.answer_lens, cut.texts, cut.logprobs,
+        cut.finished, strict=True,
     ):
         at = full_text.find(stop)
         assert text == (full_text if at < 0 else full_text[:at]) and fin == (at >= 0)
-        # the shortest prefix of the uncut rollout whose decoding covers the kept text
-        n = next(n for n in range(len(full_ids) + 1) if tiny_tokenizer.decode(full_ids[:n]).startswith(text))
-        assert ids == full_ids[: (n if at >= 0 else len(full_ids))]
-        assert lp == full_lp[: len(ids)]
+        chars = [len(tok.decode(full_ids[:n])) for n in range(len(full_ids) + 1)]
+        if at >= 0:  # kept: through the token completing the stop string; answer: the tokens ending before it
+            assert ids == full_ids[: next(n for n, c in enumerate(chars) if c >= at + len(stop))]
+            assert n_ans == max(n for n, c in enumerate(chars) if c <= at) < len(ids)
+        else:
+            assert ids == full_ids and n_ans == len(ids)
+        assert lp == full_lp[: len(ids)]  # the log-prob of every kept id, the terminator's included
 
 
 def test_eos_is_kept_and_ends_the_row(peaked_model, tiny_tokenizer, prompt_ids):
@@ -187,13 +241,14 @@ def test_eos_is_kept_and_ends_the_row(peaked_model, tiny_tokenizer, prompt_ids):
     tok.eos_token = tok.convert_ids_to_tokens(target)
     assert tok.eos_token_id == target and tok.pad_token_id != target
     out = HFRolloutEngine(peaked_model, tok, 4).generate(prompt_ids, SamplingParams(12, 0.0), seed=0)
-    for full, ids, lp, fin, text in zip(free.completion_ids, out.completion_ids, out.logprobs, out.finished, out.texts):
+    rows = zip(free.completion_ids, free.logprobs, out.completion_ids, out.answer_lens, out.logprobs, out.finished, out.texts)
+    for full, full_lp, ids, n_ans, lp, fin, text in rows:
         if target in full:
             e = full.index(target)
-            assert ids == full[: e + 1] and fin and text == tok.decode(full[:e])
+            assert ids == full[: e + 1] and fin and text == tok.decode(full[:e]) and n_ans == e
         else:
-            assert ids == full and not fin
-        assert len(lp) == len(ids)
+            assert ids == full and not fin and n_ans == len(full)
+        assert lp == pytest.approx(full_lp[: len(ids)], abs=1e-5)  # the EOS's log-prob too
     assert out.completion_ids[0][-1] == target and len(out.completion_ids[0]) <= 4
 
 
