@@ -103,9 +103,12 @@ def tree_sha256(root: Path, exclude: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
-def code_revision(repo_root: Path = Path(".")) -> str:
+def code_revision(repo_root: Path | None = None) -> str:
     """Content hash of the library and stage sources: the same code gives the same id on any checkout,
-    in a `dvc exp` temp dir too (a git sha would change bytes of otherwise identical models)."""
+    in a `dvc exp` temp dir too (a git sha would change bytes of otherwise identical models). The sources
+    are those of the installed package (the repository holding `poststate/`), not of the working directory,
+    so a stage run from anywhere records the code that ran."""
+    repo_root = Path(poststate.__file__).resolve().parents[1] if repo_root is None else repo_root
     h = hashlib.sha256()
     for name in CODE_ROOTS:
         d = repo_root / name

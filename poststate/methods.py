@@ -104,8 +104,9 @@ class Supervised:
     def micro_batches(self, batch_size: int, max_len: int, pad_id: int) -> list[Micro]:
         """The rows as micro-batches of at most `batch_size` rows of similar length (longest first), each
         right-padded to its own longest row. Rows longer than max_len are left-truncated (the prompt loses
-        its oldest tokens; states shift with it, states that fall off are dropped). Cached: a batch reused
-        for PPO epochs gets the same micro-batches back, with the pi_old stored on them."""
+        its oldest tokens; states shift with it, states that fall off are dropped). Cached per size: a
+        batch reused for PPO epochs gets the same micro-batches back (the loop keeps their device copies,
+        on which the first pass stores pi_old)."""
         key = (batch_size, max_len, pad_id)
         if key not in self._micro:
             order = sorted(range(len(self.seqs)), key=lambda b: (-min(len(self.seqs[b]), max_len), b))
@@ -263,7 +264,8 @@ def cut_points(answer_len: int, k: int, rule: str, rng: random.Random) -> list[i
     if rule == "uniform":
         return sorted(rng.sample(range(n), min(k, n)))
     if rule == "stride":
-        return sorted({i * n // k for i in range(min(k, n))})
+        m = min(k, n)
+        return sorted({i * n // m for i in range(m)})
     raise ValueError(f"cut rule {rule!r}: expected 'uniform' or 'stride'")
 
 
@@ -476,14 +478,14 @@ def sft_method(name: str, rows, tokenizer, p, seed: int, shard: Shard = Shard())
     return Method(name, DatasetStates(rows, tokenizer, p.batch_size * p.grad_accum, seed, shard), GoldTokens())
 
 
-def opd_method(name: str, rows, tokenizer, teacher, p, seed: int, shard: Shard = Shard()) -> Method:
+def opd_method(name: str, rows, tokenizer, teacher, p, seed: int, shard: Shard = Shard(), engine=None) -> Method:
     """OPD = (student states, teacher signal); with `p.states == "teacher"` the same signal on the
     teacher's own states: the teacher-state control that isolates the state axis."""
     who = "learner" if p.states == "student" else "teacher"
     cuts = p.continuation if p.signal in ("continuation", "one_step_kl") else None
     stream = ("train", name, seed)
     source = RolloutStates(who, rows, tokenizer, p.rollout, p.prompts_per_step, 1, stream, p.gen_batch_size,
-                           cuts=cuts, teacher=teacher, shard=shard)
+                           cuts=cuts, teacher=teacher, shard=shard, engine=engine if who == "learner" else None)
     if p.signal == "continuation":
         signal = TeacherContinuation(teacher, tokenizer, p.continuation, p.gen_batch_size, stream, p.rollout.max_new_tokens)
         kind = "tokens"
@@ -496,9 +498,10 @@ def opd_method(name: str, rows, tokenizer, teacher, p, seed: int, shard: Shard =
     return Method(name, source, signal, LossConfig(kind=kind, kl_direction=p.kl.direction))
 
 
-def rl_method(name: str, rows, tokenizer, p, seed: int, shard: Shard = Shard()) -> Method:
-    """RL = (policy states, reward): G samples per prompt, group-relative advantages, PPO epochs."""
+def rl_method(name: str, rows, tokenizer, p, seed: int, shard: Shard = Shard(), engine=None) -> Method:
+    """RL = (policy states, reward): G samples per prompt, group-relative advantages, PPO epochs.
+    `engine` samples the policy (default: the HF engine on a synced merged copy; see rollout.make_engine)."""
     source = RolloutStates("learner", rows, tokenizer, p.rollout, p.prompts_per_step, p.group_size, ("train", name, seed),
-                           p.gen_batch_size, shard=shard)
+                           p.gen_batch_size, shard=shard, engine=engine)
     loss = LossConfig(kind="reward", agg=p.loss_agg, clip_eps=p.clip_eps, kl_coef=p.kl_coef)
     return Method(name, source, Reward(p.std_norm), loss, reuse=p.inner_steps)

@@ -258,3 +258,17 @@ class HFRolloutEngine:
             kept, answer_len, text, finished = cut_completion(row, tok, params.stop, eos_id, pad_id)
             out.append((kept, answer_len, text, logp_BN[i, : len(kept)].tolist(), finished))
         return out
+
+
+def make_engine(backend, model_path, tokenizer, batch_size: int, *, lora_rank: int | None = None, work_dir=None) -> RolloutEngine:
+    """The engine a learner samples with, by `backend.kind` (params: `<section>.engine`): "hf" samples a
+    synced adapter-merged copy of the policy in this process; "vllm" serves `model_path` (the base the
+    policy started from) in vLLM and loads the policy's weights into it at every `sync`
+    (`rollout_vllm.VLLMRolloutEngine`; a CUDA GPU and docs/vllm.md's environment)."""
+    if backend.kind == "hf":
+        return HFRolloutEngine(None, tokenizer, batch_size)
+    if backend.kind == "vllm":
+        from poststate.rollout_vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(model_path, tokenizer, backend, lora_rank=lora_rank, work_dir=work_dir)
+    raise ValueError(f"rollout engine {backend.kind!r}: expected 'hf' or 'vllm'")

@@ -20,6 +20,7 @@ DATA = Path("data/prepared")
 MODELS = Path("models")
 TRAIN_LOGS = Path("metrics/train")
 TIMINGS = Path("timings")  # wall-clock figures: untracked (gitignored), never a DVC out
+WORK = Path(".work")  # transient engine files (vLLM's served adapters): untracked
 
 
 def seed_everything(seed: int) -> None:
@@ -88,6 +89,15 @@ def train_logged(run: str, seed: int, lm, method, optim, steps: int, *, pad_id: 
         })
     timing = f"{result.seconds:.0f}s" + (f" ({result.gen_seconds / result.seconds:.0%} generating)" if result.gen_seconds else "")
     return result, timing
+
+
+def learner_engine(p, tokenizer):
+    """The engine that samples a learner's rollouts (params `<section>.engine`: hf | vllm); vLLM serves the
+    base the learner started from and keeps its per-sync adapters in the untracked `.work/vllm/`."""
+    from poststate.rollout import make_engine
+
+    lora_rank = p.adapter.r if p.adapter.kind == "lora" else None
+    return make_engine(p.engine, run_dir("base", None), tokenizer, p.gen_batch_size, lora_rank=lora_rank, work_dir=WORK / "vllm")
 
 
 def write_compute(run: str, seed: int, result: TrainResult, model, kind: str) -> None:

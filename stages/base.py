@@ -12,7 +12,7 @@ import typer
 
 from poststate.hub import BaseUnavailable, resolve
 from poststate.params import load_section
-from poststate.runs import DATA, run_dir, save_run, seed_everything, train_logged, write_compute
+from poststate.runs import DATA, TRAIN_LOGS, atomic_write_json, run_dir, save_run, seed_everything, train_logged, write_compute
 
 
 def from_hub(p) -> None:
@@ -26,6 +26,7 @@ def from_hub(p) -> None:
     tok = AutoTokenizer.from_pretrained(p.hub.name, **at)
     save_run(model, tok, run_dir("base", None), kind="base", params=p.model_dump(mode="json"), seed=p.seed,
              parents={}, data={}, extra={"hub": source})
+    atomic_write_json(TRAIN_LOGS / "base" / "source.json", source)  # no training curves: where the base came from
     typer.echo(f"base <- {p.hub.name} ({source['source']}" + (f", commit {source['sha']})" if source["sha"] else ")"))
 
 

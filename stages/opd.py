@@ -19,7 +19,7 @@ from poststate.loop import make_accelerator, shard_of
 from poststate.methods import opd_method
 from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
+from poststate.runs import DATA, learner_engine, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 
 def main(
@@ -43,7 +43,8 @@ def main(
         measure = lambda when: gates.opd_ce(student, tok, heldout, teacher_model, p, who,  # noqa: E731
                                             ("gate", run, seed, when if who == "learner" else "states"))
         before = measure("before")
-        method = opd_method(run, rows, tok, teacher_model, p, seed, shard_of(acc))
+        method = opd_method(run, rows, tok, teacher_model, p, seed, shard_of(acc),
+                            engine=learner_engine(p, tok) if who == "learner" else None)
         result, timing = train_logged(run, seed, student, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc)
         after = measure("after")
         if acc.is_main_process:

@@ -13,7 +13,7 @@ from poststate.loop import make_accelerator, shard_of
 from poststate.methods import rl_method
 from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
+from poststate.runs import DATA, learner_engine, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
         measure = lambda when: gates.rl_reward(policy, tok, heldout, p.rollout, p.gate_samples, p.gen_batch_size,  # noqa: E731
                                                ("gate", "rl", seed, when))
         before = measure("before")
-        method = rl_method("rl", rows, tok, p, seed, shard_of(acc))
+        method = rl_method("rl", rows, tok, p, seed, shard_of(acc), engine=learner_engine(p, tok))
         result, timing = train_logged("rl", seed, policy, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc)
         after = measure("after")
         if acc.is_main_process:

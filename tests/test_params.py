@@ -22,10 +22,14 @@ def write(tmp_path: Path, edit) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "profiles/paper.yaml"])
-def test_profiles_validate(name):
-    resolved = resolve_all(ROOT / name)
-    assert {"prepare", "base", "sft-mild", "sft-stress", "teacher", "opd-stress", "opd-mild", "opd-seqkd", "rl", "eval", "report"} <= set(resolved)
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/paper.yaml", "rehearsal"])
+def test_profiles_validate(name, tmp_path):
+    if name == "rehearsal":  # profiles/rehearsal.yaml is an overlay on the paper profile
+        from poststate.rehearsal import params
+
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(), sort_keys=False))
+    resolved = resolve_all(ROOT / name if name != "rehearsal" else tmp_path / "params.yaml")
+    assert {"prepare", "base", "sft-mild", "sft-stress", "teacher", "opd-stress", "opd-mild", "opd-teacher_states", "rl", "eval", "report"} <= set(resolved)
 
 
 def test_paper_profile_states_the_paper_settings():
@@ -56,6 +60,13 @@ def test_variants_inherit_and_override():
         (lambda r: r.update(seeds=[0, 0]), r"seeds = \[0, 0\]: duplicate"),
         (lambda r: r.update(sedes=[0]), r"unknown top-level key\(s\) \['sedes'\]"),
         (lambda r: r["base"]["pretrain"].update(adapter={"kind": "lora"}), r"pretraining trains every weight"),
+        (lambda r: r["rl"].update(grad_accum=2), r"rl\.grad_accum = 2: Extra inputs"),  # a step is the draw: no accumulation knob
+        (lambda r: r["rl"].update(loss_agg="tokens"), r"rl\.loss_agg = 'tokens'"),
+        (lambda r: r["rl"].update(engine={"kind": "sglang"}), r"rl\.engine\.kind = 'sglang'"),
+        (lambda r: r["opd"].update(gen_batch_size=0), r"opd\.stress\(merged\)\.gen_batch_size = 0"),
+        (lambda r: r["prepare"].update(source="hub", hub={**yaml.safe_load((ROOT / "profiles/paper.yaml").read_text())["prepare"]["hub"],
+                                                          "local_dir": "../shared/data"}),
+         r"local copies must live in data/hub/"),
     ],
 )
 def test_bad_params_name_key_and_value(tmp_path, edit, named):

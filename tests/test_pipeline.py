@@ -18,7 +18,7 @@ import yaml
 from poststate import report as rep
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ["base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "opd_seqkd", "rl"]
+RUNS = ["base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "opd_teacher_states", "rl"]
 
 SMALL = {
     "prepare": {"world": {"n_corpus_docs": 1500, "n_towns": 8, "n_rivers": 4, "n_creatures": 8, "n_guilds": 6,

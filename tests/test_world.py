@@ -70,7 +70,7 @@ def test_same_params_give_identical_world_and_another_seed_differs(world):
 
 
 def test_rows_match_the_hub_schemas_exactly(world):
-    assert sorted(world.gsm8k) == ["fewshot", "prompts", "sft", "test"]
+    assert sorted(world.gsm8k) == ["fewshot", "prompts", "prompts_heldout", "sft", "sft_heldout", "test"]
     for rows in world.gsm8k.values():
         for r in rows:
             assert list(r) == ["question", "answer"] and all(isinstance(v, str) and v for v in r.values())
@@ -201,6 +201,18 @@ def test_gsm8k_test_keys_and_questions_never_reach_training_text(world):
         assert r["question"] not in corpus and r["question"] not in train_questions
 
 
+def test_heldout_splits_are_disjoint_from_their_training_split_and_the_test_set(world):
+    test_keys = {_key(m) for m in world.meta["gsm8k"]["test"]}
+    for split in ("sft", "prompts"):
+        trained = {_key(m) for m in world.meta["gsm8k"][split]}
+        held = [_key(m) for m in world.meta["gsm8k"][f"{split}_heldout"]]
+        assert held and len(set(held)) == len(held)
+        assert not set(held) & trained and not set(held) & test_keys, split
+    sft_families = {m["family"] for m in world.meta["gsm8k"]["sft"]}
+    assert {m["family"] for m in world.meta["gsm8k"]["sft_heldout"]} == sft_families  # the SFT distribution
+    assert {m["family"] for m in world.meta["gsm8k"]["prompts_heldout"]} == set(FAMILIES)
+
+
 def test_sft_covers_only_its_families_while_the_rest_cover_all(world):
     fam = {split: [m["family"] for m in rows] for split, rows in world.meta["gsm8k"].items()}
     assert set(fam["sft"]) == set(DEFAULT_SFT_FAMILIES)
@@ -295,7 +307,8 @@ def test_default_world_matches_the_brief(default_world):
 def test_write_world_roundtrips_the_layout(world, tmp_path):
     write_world(world, tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["corpus.txt", "gsm8k/fewshot.jsonl", "gsm8k/prompts.jsonl", "gsm8k/sft.jsonl", "gsm8k/test.jsonl",
+    assert files == ["corpus.txt", "gsm8k/fewshot.jsonl", "gsm8k/prompts.jsonl", "gsm8k/prompts_heldout.jsonl",
+                     "gsm8k/sft.jsonl", "gsm8k/sft_heldout.jsonl", "gsm8k/test.jsonl",
                      "mmlu/dev.jsonl", "mmlu/test.jsonl", "truthfulqa/mc.jsonl", "truthfulqa_preamble.txt", "world_meta.json"]
 
     def read(rel):
