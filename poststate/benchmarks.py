@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from poststate.artifacts import read_jsonl
+from poststate.artifacts import file_sha256, read_jsonl
 from poststate.params import HubDataset
 
 HUB_PROBE_TIMEOUT_S = 5.0  # the connectivity probe's connect/read timeout
@@ -44,13 +44,14 @@ def _unreachable(ds: HubDataset, reason: str) -> HubUnreachableError:
     )
 
 
-def _probe_hub(ds: HubDataset, timeout_s: float) -> None:
-    """One request to the Hub API for `ds` at its revision, with a timeout and no retries.
+def _probe_hub(ds: HubDataset, timeout_s: float) -> str | None:
+    """One request to the Hub API for `ds` at its revision, with a timeout and no retries: the commit sha
+    the revision resolves to.
 
     Raises HubUnreachableError on a network failure or a Hub server error, ValueError when the Hub
     answers that the dataset or revision does not exist (or is private/gated without a token)."""
     try:
-        HfApi(endpoint=constants.ENDPOINT).dataset_info(ds.path, revision=ds.revision, timeout=timeout_s)
+        return HfApi(endpoint=constants.ENDPOINT).dataset_info(ds.path, revision=ds.revision, timeout=timeout_s).sha
     except (httpx2.TransportError, OfflineModeIsEnabled) as e:
         raise _unreachable(ds, f"{type(e).__name__}: {e}") from e
     except RevisionNotFoundError as e:
@@ -63,19 +64,24 @@ def _probe_hub(ds: HubDataset, timeout_s: float) -> None:
 
 def load_rows(ds: HubDataset, local_dir: Path | None, local_file: str) -> list[dict[str, Any]]:
     """The rows of `ds`: from `local_dir / local_file` (JSON Lines, Hub schema) when `local_dir` is given,
-    else `datasets.load_dataset(ds.path, ds.name, split=ds.split, revision=ds.revision)` as dicts."""
+    else `datasets.load_dataset(ds.path, ds.name, split=ds.split, revision=<the revision's commit sha>)`."""
+    return load_rows_with_source(ds, local_dir, local_file)[0]
+
+
+def load_rows_with_source(ds: HubDataset, local_dir: Path | None, local_file: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, where they came from): the local file and its sha256, or the Hub dataset, its revision and the
+    commit sha it resolved to (None with HF_HUB_OFFLINE, when only the local cache is read)."""
     if local_dir is not None:
         path = Path(local_dir) / local_file
         if not path.is_file():
             raise FileNotFoundError(f"local dataset file {path} does not exist (from {LOCAL_DIR_PARAM})")
-        return read_jsonl(path)
-    if not datasets.config.HF_HUB_OFFLINE:
-        _probe_hub(ds, HUB_PROBE_TIMEOUT_S)
+        return read_jsonl(path), {"file": path.as_posix(), "sha256": file_sha256(path)}
+    sha = None if datasets.config.HF_HUB_OFFLINE else _probe_hub(ds, HUB_PROBE_TIMEOUT_S)
     try:
-        dset = datasets.load_dataset(ds.path, ds.name, split=ds.split, revision=ds.revision)
+        dset = datasets.load_dataset(ds.path, ds.name, split=ds.split, revision=sha or ds.revision)
     except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub", OfflineModeIsEnabled
         raise _unreachable(ds, str(e)) from e
-    return dset.to_list()
+    return dset.to_list(), {"path": ds.path, "name": ds.name, "split": ds.split, "revision": ds.revision, "sha": sha}
 
 
 # --------------------------------------------------------------------------- schemas

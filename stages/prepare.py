@@ -18,14 +18,14 @@ from poststate.runs import DATA, write_jsonl
 
 
 def write_hub(p: HubData, seed: int, out: Path) -> dict:
-    from poststate.benchmarks import load_rows, select_mmlu, validate_rows
+    from poststate.benchmarks import load_rows_with_source, select_mmlu, validate_rows
 
     local = Path(p.local_dir) if p.local_dir else None
-    train = load_rows(p.gsm8k_train, local, "gsm8k/train.jsonl")
-    test = load_rows(p.gsm8k_test, local, "gsm8k/test.jsonl")
-    tqa = load_rows(p.truthfulqa, local, "truthfulqa/multiple_choice.jsonl")
-    dev = load_rows(p.mmlu_dev, local, "mmlu/dev.jsonl")
-    mmlu = load_rows(p.mmlu_test, local, "mmlu/test.jsonl")
+    sources = {}
+    for key, file in (("gsm8k_train", "gsm8k/train.jsonl"), ("gsm8k_test", "gsm8k/test.jsonl"),
+                      ("truthfulqa", "truthfulqa/multiple_choice.jsonl"), ("mmlu_dev", "mmlu/dev.jsonl"), ("mmlu_test", "mmlu/test.jsonl")):
+        sources[key] = load_rows_with_source(getattr(p, key), local, file)
+    (train, _), (test, _), (tqa, _), (dev, _), (mmlu, _) = sources.values()
     for rows, schema, where in [(train, "gsm8k", "gsm8k train"), (test, "gsm8k", "gsm8k test"),
                                 (tqa, "truthfulqa_mc", "truthfulqa"), (dev, "mmlu", "mmlu dev"), (mmlu, "mmlu", "mmlu test")]:
         validate_rows(rows, schema, where)
@@ -53,7 +53,7 @@ def write_hub(p: HubData, seed: int, out: Path) -> dict:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / name, rows)
     (out / "corpus.txt").write_text("")  # the pretraining corpus: none, the base comes from the Hub
-    return {"source": "hub", "datasets": p.model_dump(mode="json")}
+    return {"source": "hub", "datasets": p.model_dump(mode="json"), "resolved": {k: src for k, (_, src) in sources.items()}}
 
 
 def write_synthetic(p, out: Path) -> dict:

@@ -414,7 +414,9 @@ def improvement_values(objective: Mapping[str, Any]) -> np.ndarray:
 def gate_summary(inp: ReportInputs, run: str, rules: ReportRules) -> dict[str, Any] | None:
     """Did the run do its job? Per objective: each seed's improvement with its own items-only CI and the
     seed x item pooled CI (items NaN on any seed dropped, counted). The run passes when its primary
-    objective's CI lies above 0 on EVERY seed and pooled. None when the run has no gate records."""
+    objective's CI lies above 0 on EVERY seed: each seed is one run of the method, and the findings pool
+    exactly these runs. The pooled CI (which, with few seeds, carries a t multiplier of 4.3 for 3 seeds and
+    12.7 for 2 on the seed component) is reported beside it, not required. None without gate records."""
     per_seed = inp.gates.get(run)
     if not per_seed:
         return None
@@ -461,7 +463,7 @@ def gate_summary(inp: ReportInputs, run: str, rules: ReportRules) -> dict[str, A
             "after": float(np.mean([v["after"] for v in seeds_out.values()])),
             "per_seed": seeds_out,
             "pooled": pooled,
-            "passed": all(ok) and pooled["passed"],
+            "passed": all(ok),
         }
     return {"primary": primary, "seeds": [str(s) for s in seeds], "objectives": objectives,
             "passed": objectives[primary]["passed"]}

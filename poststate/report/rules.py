@@ -4,7 +4,7 @@ Each claim is three-valued on its CI (the report's `level`): it *holds* when the
 claimed side of its threshold, *fails* when the whole CI lies on the other side, and is undecided when
 the CI straddles the threshold. A finding is "reproduced" when every claim holds, "not reproduced" when
 one fails, "inconclusive" otherwise - unless a run behind it did not pass its validity gate (its own
-primary objective improved on held-out items: improvement CI above 0 on every seed and pooled), which
+primary objective improved on held-out items: improvement CI above 0 on every seed), which
 makes the finding **invalid**, naming the run and its numbers, never "not reproduced".
 
 Every claim carries its **power**: the probability that a rerun of this design (the observed standard
@@ -226,7 +226,7 @@ def _verdict(finding: str, report: Mapping[str, Any], rule: str, claims: Sequenc
 def _gate_rule(finding: str) -> str:
     runs = ", ".join(FINDING_RUNS[finding])
     return (f"invalid unless {runs} passed the validity gate (primary held-out objective's improvement CI above 0 "
-            "on every seed and pooled); ")
+            "on every seed); ")
 
 
 # ---------------------------------------------------------------- findings
