@@ -12,6 +12,9 @@ tensor, so they fit a 24 GB card at the paper profile's vocabulary (151,936) too
   sampled from the base (RL's Razor, arXiv 2509.04259: this KL on the target task predicted forgetting).
 Per-sequence sums and counts let the caller pool tokens (ratio of sums) and give each prompt its own
 pseudo-value for an interval over prompts and seeds (`stats.ratio_pseudovalues`).
+
+`drift_record` puts them together for one model: its drift from the base's reference rollouts (lexical and
+hidden-state MMD tests, forward KL) and the locality of the tokens it trained on; `flat` the flat numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from poststate import drift as d
 from poststate.objective import causal_parts, over_chunks, same_device
+from poststate.rollout import HFRolloutEngine, SamplingParams
+from poststate.stats import ratio_pseudovalues
+from poststate.streams import stream_seed
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -147,3 +154,63 @@ def forward_kl(base, tuned, ids_list: Sequence[Sequence[int]], score_from: Seque
         s, c = _per_sequence(kl_N, row_N, len(batch))
         sums[batch], counts[batch] = s, c
     return sums, counts
+
+
+# ---------------------------------------------------------------- a run's drift record
+
+
+def _pooled(sums: np.ndarray, counts: np.ndarray) -> dict:
+    """A token-pooled mean (ratio of sums) over sequences, with its per-sequence pseudo-values."""
+    return {"mean": float(sums.sum() / counts.sum()), "pseudo": ratio_pseudovalues(sums[None, :], counts)[0].tolist()}
+
+
+def drift_record(base, model, tok, ref_roll: list[dict], roll: list[dict], states: list[dict], p, tag: tuple) -> dict:
+    """Drift of one sample of rollouts (`roll`) from the base's reference sample (`ref_roll`), on the same
+    prompts, and the locality of the states a run trained on. `tag` = (run, seed) names the random streams:
+    every stream here is distinct from the reference's and from every training stream (`streams`)."""
+    q = p.drift
+    out = {}
+    ref_cut, run_cut = stream_seed("drift", "cuts", "base", "reference"), stream_seed("drift", "cuts", *tag)
+    for kind in ("lexical", "hidden"):
+        # lexical features read the generated part only: both samples answer the same prompts, whose words
+        # would only dilute the kernel; hidden features read the whole state, through the base model
+        prompts = (lambda rs: [""] * len(rs)) if kind == "lexical" else (lambda rs: [r["prompt"] for r in rs])
+        xs, px = d.rollout_states(prompts(ref_roll), [r["completion"] for r in ref_roll], q.cuts, ref_cut)
+        ys, py = d.rollout_states(prompts(roll), [r["completion"] for r in roll], q.cuts, run_cut)
+        if kind == "lexical":
+            X = d.lexical_features(xs, ngram=(1, q.ngram_max), dim=q.hash_dim)
+            Y = d.lexical_features(ys, ngram=(1, q.ngram_max), dim=q.hash_dim)
+        else:
+            X = hidden_features(base, tok, xs, p.batch_size)
+            Y = hidden_features(base, tok, ys, p.batch_size)
+        out[f"mmd_{kind}"] = d.drift_test(X, px, Y, py, q.permutations, stream_seed("drift", "permutations", kind, *tag))
+    if model is not None:
+        seqs = [r["prompt_ids"] + r["completion_ids"] for r in ref_roll if r["completion_ids"]]
+        out["kl_base_tuned"] = _pooled(*forward_kl(base, model, seqs, [len(r["prompt_ids"]) for r in ref_roll if r["completion_ids"]], p.batch_size))
+    scored = [s for s in states if s["score_from"] < len(s["ids"])][: q.locality_states]
+    if scored:
+        # Locality where the loss was applied: the base's NLL of the tokens the run trained on, minus the
+        # base's NLL of its own sample from the same context (of the same length): at temperature 1 the
+        # latter is the base's entropy there, so a high-entropy context does not pose as a distant state.
+        trained = token_nll(base, [s["ids"] for s in scored], [s["score_from"] for s in scored], p.batch_size)
+        sp = SamplingParams(max_new_tokens=max(len(s["ids"]) - s["score_from"] for s in scored), temperature=1.0)
+        own = HFRolloutEngine(base, tok, p.harness.gen_batch_size).generate(
+            [s["ids"][: s["score_from"]] for s in scored], sp, seed=stream_seed("locality", *tag))
+        own_nll = [-float(np.mean(lp[: len(s["ids"]) - s["score_from"]])) for lp, s in zip(own.logprobs, scored)]
+        excess = (trained[0] / trained[1]) - np.asarray(own_nll)  # per state
+        out["locality"] = {"excess": float(excess.mean()), "pseudo": excess.tolist(),
+                           "trained_nll": float((trained[0] / trained[1]).mean()), "own_nll": float(np.mean(own_nll))}
+    return out
+
+
+def flat(drift_out: dict) -> dict[str, float]:
+    """The flat numbers of a drift record (for scores.json and `dvc metrics diff`)."""
+    out = {}
+    for kind in ("lexical", "hidden"):
+        t = drift_out[f"mmd_{kind}"]
+        out |= {f"mmd_{kind}": t["mmd2"], f"mmd_{kind}_se": t["se"], f"mmd_{kind}_p": t["p_value"]}
+    if "kl_base_tuned" in drift_out:
+        out["kl_base_tuned"] = drift_out["kl_base_tuned"]["mean"]
+    if "locality" in drift_out:
+        out |= {"locality_excess_nll": drift_out["locality"]["excess"], "train_state_nll": drift_out["locality"]["trained_nll"]}
+    return out

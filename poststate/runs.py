@@ -61,7 +61,8 @@ def log_step(logger, step: int, metrics: dict[str, float]) -> None:
     logger.next_step()
 
 
-def train_logged(run: str, seed: int, lm, method, optim, steps: int, *, pad_id: int, accelerator) -> tuple[TrainResult, str]:
+def train_logged(run: str, seed: int, lm, method, optim, steps: int, *, pad_id: int, accelerator,
+                 progress: bool = True) -> tuple[TrainResult, str]:
     """`loop.train` with DVCLive curves of the science (loss, lr, rewards, ...) in the tracked
     `metrics/train/<run>/s<seed>/`, and the wall-clock figures (seconds per step, generation seconds,
     tokens per second) in the untracked `timings/<run>/s<seed>.json`: the same params give the same
@@ -76,7 +77,7 @@ def train_logged(run: str, seed: int, lm, method, optim, steps: int, *, pad_id: 
         step_seconds.append(round(seconds, 4))
 
     with live(run, seed) if main else contextlib.nullcontext() as logger:
-        result = train(lm, method, optim, steps, pad_id=pad_id, accelerator=accelerator, log=log)
+        result = train(lm, method, optim, steps, pad_id=pad_id, accelerator=accelerator, log=log, progress=progress)
     if main:
         share = result.gen_seconds / result.seconds if result.seconds > 0 else 0.0
         atomic_write_json(TIMINGS / run / f"s{seed}.json", {

@@ -19,12 +19,14 @@ import filecmp
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import typer
 
 from poststate.artifacts import atomic_dir, atomic_write_json
 from poststate.params import load_section, read_params, seeds
+from poststate.pool import map_seeds, workers_for
 from poststate.runs import DATA, model_files, read_jsonl, run_dir, write_jsonl
 
 EVALS = Path("evals")
@@ -57,70 +59,6 @@ def train_states(run_path: Path) -> list[dict]:
     return []
 
 
-def _pooled(sums: np.ndarray, counts: np.ndarray) -> dict:
-    """A token-pooled mean (ratio of sums) over sequences, with its per-sequence pseudo-values."""
-    from poststate.stats import ratio_pseudovalues
-
-    return {"mean": float(sums.sum() / counts.sum()), "pseudo": ratio_pseudovalues(sums[None, :], counts)[0].tolist()}
-
-
-def drift(base, model, tok, ref_roll: list[dict], roll: list[dict], states: list[dict], p, tag: tuple) -> dict:
-    """Drift of one sample of rollouts (`roll`) from the base's reference sample (`ref_roll`), on the same
-    prompts, and the locality of the states a run trained on. `tag` = (run, seed) names the random streams:
-    every stream here is distinct from the reference's and from every training stream (`streams`)."""
-    from poststate import diagnostics
-    from poststate import drift as d
-    from poststate.rollout import HFRolloutEngine, SamplingParams
-    from poststate.streams import stream_seed
-
-    q = p.drift
-    out = {}
-    ref_cut, run_cut = stream_seed("drift", "cuts", "base", "reference"), stream_seed("drift", "cuts", *tag)
-    for kind in ("lexical", "hidden"):
-        # lexical features read the generated part only: both samples answer the same prompts, whose words
-        # would only dilute the kernel; hidden features read the whole state, through the base model
-        prompts = (lambda rs: [""] * len(rs)) if kind == "lexical" else (lambda rs: [r["prompt"] for r in rs])
-        xs, px = d.rollout_states(prompts(ref_roll), [r["completion"] for r in ref_roll], q.cuts, ref_cut)
-        ys, py = d.rollout_states(prompts(roll), [r["completion"] for r in roll], q.cuts, run_cut)
-        if kind == "lexical":
-            X = d.lexical_features(xs, ngram=(1, q.ngram_max), dim=q.hash_dim)
-            Y = d.lexical_features(ys, ngram=(1, q.ngram_max), dim=q.hash_dim)
-        else:
-            X = diagnostics.hidden_features(base, tok, xs, p.batch_size)
-            Y = diagnostics.hidden_features(base, tok, ys, p.batch_size)
-        out[f"mmd_{kind}"] = d.drift_test(X, px, Y, py, q.permutations, stream_seed("drift", "permutations", kind, *tag))
-    if model is not None:
-        seqs = [r["prompt_ids"] + r["completion_ids"] for r in ref_roll if r["completion_ids"]]
-        out["kl_base_tuned"] = _pooled(*diagnostics.forward_kl(base, model, seqs, [len(r["prompt_ids"]) for r in ref_roll if r["completion_ids"]], p.batch_size))
-    scored = [s for s in states if s["score_from"] < len(s["ids"])][: q.locality_states]
-    if scored:
-        # Locality where the loss was applied: the base's NLL of the tokens the run trained on, minus the
-        # base's NLL of its own sample from the same context (of the same length): at temperature 1 the
-        # latter is the base's entropy there, so a high-entropy context does not pose as a distant state.
-        trained = diagnostics.token_nll(base, [s["ids"] for s in scored], [s["score_from"] for s in scored], p.batch_size)
-        sp = SamplingParams(max_new_tokens=max(len(s["ids"]) - s["score_from"] for s in scored), temperature=1.0)
-        own = HFRolloutEngine(base, tok, p.harness.gen_batch_size).generate(
-            [s["ids"][: s["score_from"]] for s in scored], sp, seed=stream_seed("locality", *tag))
-        own_nll = [-float(np.mean(lp[: len(s["ids"]) - s["score_from"]])) for lp, s in zip(own.logprobs, scored)]
-        excess = (trained[0] / trained[1]) - np.asarray(own_nll)
-        out["locality"] = {"excess": float(excess.mean()), "pseudo": excess.tolist(),
-                           "trained_nll": float((trained[0] / trained[1]).mean()), "own_nll": float(np.mean(own_nll))}
-    return out
-
-
-def flat(drift_out: dict) -> dict[str, float]:
-    """The flat numbers of a drift record (for scores.json and `dvc metrics diff`)."""
-    out = {}
-    for kind in ("lexical", "hidden"):
-        t = drift_out[f"mmd_{kind}"]
-        out |= {f"mmd_{kind}": t["mmd2"], f"mmd_{kind}_se": t["se"], f"mmd_{kind}_p": t["p_value"]}
-    if "kl_base_tuned" in drift_out:
-        out["kl_base_tuned"] = drift_out["kl_base_tuned"]["mean"]
-    if "locality" in drift_out:
-        out |= {"locality_excess_nll": drift_out["locality"]["excess"], "train_state_nll": drift_out["locality"]["trained_nll"]}
-    return out
-
-
 def same_model(a: Path, b: Path) -> bool:
     """The same model files, byte for byte (lineage aside), and the same training states to score."""
     if not (a.is_dir() and b.is_dir()):
@@ -150,43 +88,53 @@ def reuse_eval(run: str, same_as: str, run_seeds: list[int]) -> list[dict]:
     return per_seed
 
 
-def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
-    """Evaluate every seed of a run into evals/<run>/; the scores per seed. The base (seed None) is also
-    the drift reference: its rollouts, and the noise floor (the base against a second, independent sample
-    of itself)."""
+EV = SimpleNamespace()  # what every seed's eval shares, set before the seed processes fork
+
+
+def eval_seed(seed: int | None) -> dict:
+    """Evaluate one seed's model (seed None: the base) into EV.out/s<seed>/; its flat scores."""
+    from poststate.diagnostics import drift_record, flat
     from poststate.evaluation import evaluate
-    from poststate.modeling import load_model, load_tokenizer, resolve_dtype
+    from poststate.modeling import load_model
     from poststate.streams import stream_seed
 
+    p, run, tok = EV.p, EV.run, EV.tok
+    base = load_model(run_dir("base", None), dtype=EV.dtype, device=EV.device).eval()
+    model = base if run == "base" else load_model(run_dir(run, seed), merge=True, dtype=EV.dtype, device=EV.device).eval()
+    scores, items = evaluate(model, tok, DATA, p.harness, seed=0)
+    roll = rollouts(model, tok, EV.drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", run, seed))
+    if run == "base":  # the drift noise floor: the base against a second, independent sample of itself
+        floor = rollouts(base, tok, EV.drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", "base", "floor"))
+        record = drift_record(base, None, tok, roll, floor, [], p, ("base", "floor"))
+        scores.update({f"{k}_floor": v for k, v in flat(record).items()})
+    else:
+        record = drift_record(base, model, tok, EV.reference, roll, train_states(run_dir(run, seed)), p, (run, seed))
+        scores.update(flat(record))
+    out = EV.out if seed is None else EV.out / f"s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "scores.json", scores)
+    atomic_write_json(out / "drift.json", record)
+    write_jsonl(out / "items.jsonl", [{"benchmark": b, **r} for b, recs in items.items() for r in recs])
+    write_jsonl(out / "rollouts.jsonl", roll)
+    typer.echo(f"{run} s{seed}: " + ", ".join(f"{k}={scores[k]:.3f}" for k in ("gsm8k_strict", "truthfulqa_mc1", "mmlu_acc")))
+    return scores
+
+
+def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
+    """Evaluate every seed of a run into evals/<run>/ (on a CPU, seeds side by side: `poststate.pool`); the
+    scores per seed. The base (seed None) is also the drift reference: its rollouts, and the noise floor."""
+    import torch
+
+    from poststate.modeling import load_tokenizer, resolve_dtype
+
     p = load_section("eval")
-    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-    dtype = resolve_dtype(p.dtype, device)
-    tok = load_tokenizer(run_dir("base", None))
-    base = load_model(run_dir("base", None), dtype=dtype, device=device).eval()
-    drift_rows = read_jsonl(DATA / "gsm8k/test.jsonl")[: p.drift.prompts]
-    per_seed = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    EV.__dict__.update(p=p, run=run, device=device, dtype=resolve_dtype(p.dtype, device), tok=load_tokenizer(run_dir("base", None)),
+                       drift_rows=read_jsonl(DATA / "gsm8k/test.jsonl")[: p.drift.prompts],
+                       reference=None if run == "base" else read_jsonl(EVALS / "base" / "rollouts.jsonl"))
     with atomic_dir(EVALS / run) as tmp:
-        for seed in run_seeds:
-            model = base if run == "base" else load_model(run_dir(run, seed), merge=True, dtype=dtype, device=device).eval()
-            scores, items = evaluate(model, tok, DATA, p.harness, seed=0)
-            roll = rollouts(model, tok, drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", run, seed))
-            if run == "base":
-                floor = rollouts(base, tok, drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", "base", "floor"))
-                record = drift(base, None, tok, roll, floor, [], p, ("base", "floor"))
-                scores.update({f"{k}_floor": v for k, v in flat(record).items()})
-            else:
-                ref = read_jsonl(EVALS / "base" / "rollouts.jsonl")
-                record = drift(base, model, tok, ref, roll, train_states(run_dir(run, seed)), p, (run, seed))
-                scores.update(flat(record))
-            out = tmp if seed is None else tmp / f"s{seed}"
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "scores.json", scores)
-            atomic_write_json(out / "drift.json", record)
-            write_jsonl(out / "items.jsonl", [{"benchmark": b, **r} for b, recs in items.items() for r in recs])
-            write_jsonl(out / "rollouts.jsonl", roll)
-            per_seed.append(scores)
-            typer.echo(f"{run} s{seed}: " + ", ".join(f"{k}={scores[k]:.3f}" for k in ("gsm8k_strict", "truthfulqa_mc1", "mmlu_acc")))
-    return per_seed
+        EV.out = tmp
+        return map_seeds(eval_seed, run_seeds, workers_for(len(run_seeds), device))
 
 
 def main(
