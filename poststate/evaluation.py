@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from poststate import prompts, scoring
 from poststate.artifacts import read_jsonl
-from poststate.params import EvalParams
 from poststate.rollout import HFRolloutEngine, SamplingParams
 from poststate.stats import mean_stderr
+
+if TYPE_CHECKING:  # params (pydantic) only for annotations: evaluation imports with torch and transformers alone
+    from poststate.params import EvalParams
 
 HARNESS_DEFAULT_MAX_LENGTH = 2048  # lm_eval/models/utils.py DEFAULT_MAX_LENGTH (HFLM._DEFAULT_MAX_LENGTH)
 TOKENIZER_INFINITY = int(1e30)  # transformers' "no model_max_length" sentinel (the harness ignores it)
