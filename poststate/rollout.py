@@ -55,6 +55,12 @@ class Rollouts:
     logprobs: list[list[float]]  # sampling log-prob of each kept completion token (see HFRolloutEngine)
     finished: list[bool]  # stopped by EOS or a stop string (not by max_new_tokens)
 
+    @classmethod
+    def from_rows(cls, prompt_ids: list[list[int]], rows: Sequence[tuple[list[int], int, str, list[float], bool]]) -> Rollouts:
+        """From per-row (completion ids, answer length, text, log-probs, finished) tuples."""
+        ids, lens, texts, logprobs, finished = (list(col) for col in zip(*rows)) if rows else ([], [], [], [], [])
+        return cls(prompt_ids, ids, lens, texts, logprobs, finished)
+
 
 class RolloutEngine(Protocol):
     """Samples completions. `sync(policy)` makes the next draws come from a live training policy's current
@@ -208,14 +214,7 @@ class HFRolloutEngine:
                 rows += self._generate_batch(prompts[start : start + self.batch_size], params, stream_seed(seed, b))
         finally:
             self.model.train(was_training)
-        return Rollouts(
-            prompt_ids=prompts,
-            completion_ids=[r[0] for r in rows],
-            answer_lens=[r[1] for r in rows],
-            texts=[r[2] for r in rows],
-            logprobs=[r[3] for r in rows],
-            finished=[r[4] for r in rows],
-        )
+        return Rollouts.from_rows(prompts, rows)
 
     @torch.inference_mode()
     def _generate_batch(

@@ -351,14 +351,7 @@ class VLLMRolloutEngine:
         self.draws.append(
             Draw(self.weights_version, None if self.lora_request is None else self.lora_request.lora_int_id, len(prompts), seed)
         )
-        return Rollouts(
-            prompt_ids=prompts,
-            completion_ids=[r[0] for r in rows],
-            answer_lens=[r[1] for r in rows],
-            texts=[r[2] for r in rows],
-            logprobs=[r[3] for r in rows],
-            finished=[r[4] for r in rows],
-        )
+        return Rollouts.from_rows(prompts, rows)
 
     def _row(self, i: int, out, prompt: list[int], params: SamplingParams) -> tuple[list[int], int, str, list[float], bool]:
         """Request i's `RequestOutput`, checked (its prompt, its weights) and mapped by `completion_row`."""

@@ -58,6 +58,18 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_std
     return Qwen3ForCausalLM(config).eval()
 
 
+def load_stage(name: str):
+    """A stage script (stages/<name>.py) as a module, to call its functions in-process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def give_lora_weights(model, std: float = 0.2) -> None:
     """peft initialises lora_B = 0, a no-op adapter: give it random weights, as training would."""
     with torch.no_grad():

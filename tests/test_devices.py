@@ -7,7 +7,6 @@ eval's), and models that score the same inputs refuse to run on different device
 of a device-mismatch deep inside a matmul; checked with a model on the `meta` device).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,17 +16,9 @@ import torch
 from poststate import diagnostics, objective
 from poststate.modeling import with_adapter
 from poststate.params import Adapter
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, load_stage
 from tests.test_distributed import _workspace
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -60,7 +51,7 @@ def _record_loads(module, monkeypatch) -> list:
 def test_training_stages_load_every_model_on_the_accelerator_device(workspace, monkeypatch):
     devices = []
     for name, args in (("sft", ["mild"]), ("sft", ["stress"]), ("rl", []), ("opd", ["stress"])):
-        module = _stage(name)
+        module = load_stage(name)
         calls = _record_loads(module, monkeypatch)
         real_acc = module.make_accelerator
 
@@ -71,7 +62,7 @@ def test_training_stages_load_every_model_on_the_accelerator_device(workspace, m
 
         monkeypatch.setattr(module, "make_accelerator", acc_factory)
         if name == "opd":
-            _stage("teacher").main()
+            load_stage("teacher").main()
             module.main(*args, teacher=Path("models/teacher"))
         else:
             module.main(*args)
@@ -82,13 +73,13 @@ def test_training_stages_load_every_model_on_the_accelerator_device(workspace, m
 
 
 def test_eval_loads_the_base_and_every_seed_on_one_device(workspace, monkeypatch):
-    module = _stage("eval")
+    module = load_stage("eval")
     import poststate.modeling as modeling
 
     calls = []
     real = modeling.load_model
     monkeypatch.setattr(modeling, "load_model", lambda path, *a, **k: calls.append(k.get("device")) or real(path, *a, **k))
-    _stage("sft").main("mild")
+    load_stage("sft").main("mild")
     (workspace / "data/prepared/gsm8k/test.jsonl").write_text((workspace / "data/prepared/gsm8k/sft.jsonl").read_text())
     import poststate.evaluation as evaluation  # the benchmarks are not what this test is about: stub them
 

@@ -1,7 +1,6 @@
 """The stage scripts' own logic (the pipeline test runs them through dvc): the teacher stage's copy of an
 adapter-free source, and the eval stage's reuse of an identical model's eval."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,8 @@ import torch
 import yaml
 
 from poststate.modeling import load_model
+from tests.conftest import load_stage
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -36,7 +28,7 @@ def workdir(tmp_path, monkeypatch, tiny_model, tiny_tokenizer) -> Path:
 
 
 def test_teacher_of_an_adapter_free_run_is_its_files_with_a_lineage(workdir):
-    stage("teacher").main()
+    load_stage("teacher").main()
     for seed in (0, 1):
         src, out = workdir / "models/sft_stress" / f"s{seed}", workdir / "models/teacher" / f"s{seed}"
         model_files = sorted(f.name for f in src.iterdir() if f.name not in ("lineage.json", "train_states.jsonl"))
@@ -55,7 +47,7 @@ def test_teacher_stage_refuses_a_source_that_is_no_model(workdir):
     for f in (workdir / "models/sft_stress/s0").glob("config.json"):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="sft_stress/s0: no config.json"):
-        stage("teacher").main()
+        load_stage("teacher").main()
     assert not (workdir / "models/teacher").exists()
 
 
@@ -68,8 +60,8 @@ def _fake_eval(root: Path, run: str, seed: int, score: float) -> None:
 
 
 def test_same_model_compares_model_files_and_training_states(workdir):
-    ev = stage("eval")
-    stage("teacher").main()
+    ev = load_stage("eval")
+    load_stage("teacher").main()
     a, b = workdir / "models/teacher/s0", workdir / "models/sft_stress/s0"
     assert ev.same_model(a, b)  # lineage differs; the teacher's training states are its parent's
     assert not ev.same_model(a, workdir / "models/missing/s0")
@@ -84,8 +76,8 @@ def test_same_model_compares_model_files_and_training_states(workdir):
 
 
 def test_eval_of_an_identical_model_is_reused_and_recorded(workdir, monkeypatch):
-    ev = stage("eval")
-    stage("teacher").main()
+    ev = load_stage("eval")
+    load_stage("teacher").main()
     for seed, score in ((0, 0.25), (1, 0.75)):
         _fake_eval(workdir, "sft_stress", seed, score)
     monkeypatch.setattr(ev, "evaluate_run", lambda *a: pytest.fail("an identical model was evaluated again"))
@@ -100,8 +92,8 @@ def test_eval_of_an_identical_model_is_reused_and_recorded(workdir, monkeypatch)
 
 
 def test_eval_of_a_different_model_is_not_reused(workdir, monkeypatch):
-    ev = stage("eval")
-    stage("teacher").main()
+    ev = load_stage("eval")
+    load_stage("teacher").main()
     for seed in (0, 1):
         _fake_eval(workdir, "sft_stress", seed, 0.25)
     (workdir / "models/teacher/s1/config.json").write_text("{}")  # one seed differs: every seed is evaluated
@@ -113,8 +105,8 @@ def test_eval_of_a_different_model_is_not_reused(workdir, monkeypatch):
 
 
 def test_eval_reuse_without_the_source_eval_fails_before_writing(workdir):
-    ev = stage("eval")
-    stage("teacher").main()
+    ev = load_stage("eval")
+    load_stage("teacher").main()
     _fake_eval(workdir, "sft_stress", 0, 0.25)  # s1 missing
     with pytest.raises(FileNotFoundError, match=r"evals/sft_stress/s1/scores.json.*eval@sft_stress"):
         ev.main("teacher", same_as="sft_stress")

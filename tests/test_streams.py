@@ -7,24 +7,14 @@ seed, role), a model 2% away from the base agrees with the base's drift rollouts
 independent sample of the base itself does.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from poststate.streams import stream_seed
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, load_stage
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?"} for a in range(2, 10) for b in range(3, 7)]
-
-
-def _eval_stage():
-    spec = importlib.util.spec_from_file_location("stage_eval", ROOT / "stages" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class DriftParams:  # the slice of the eval params that `rollouts` reads
@@ -55,7 +45,7 @@ def test_streams_are_distinct_and_stable():
 
 def test_a_model_2_percent_away_draws_as_independently_as_a_second_base_sample(tiny_tokenizer):
     torch.set_num_threads(1)
-    rollouts = _eval_stage().rollouts
+    rollouts = load_stage("eval").rollouts
     base = build_tiny_model(tiny_tokenizer, seed=0, init_std=0.2)
     near = build_tiny_model(tiny_tokenizer, seed=0, init_std=0.2)
     with torch.no_grad():  # 2% relative weight noise: a lightly tuned model
