@@ -12,11 +12,14 @@ trained on, with the initial model (before) and the trained one (after), per ite
 | teacher-state control   | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the teacher's rollouts |
 
 Sampling design: items are the held-out rows/prompts (independent draws of the method's training
-distribution). Where the states or samples depend on the model (OPD, RL), before and after are sampled
-from independent random streams; the teacher-state control's states do not depend on the student, so
-before and after are measured on the same states. The report turns the per-item (before, after) pairs
-into an improvement with a CI over items and training seeds (`stats.seed_item_interval`) and calls a run
-*valid* when that CI lies above 0 on every seed.
+distribution). Before and after draw from ONE random stream per run and seed (common random numbers):
+where the states or samples depend on the model (OPD, RL) the two measurements are coupled draws, so the
+per-item difference keeps its expectation (the difference of the two expectations) and loses most of the
+sampling noise; the teacher-state control's states do not depend on the student, so they are the same
+states before and after. (The drift instruments do the opposite, on purpose: a two-sample distance between
+coupled samples is biased toward 0, so drift samples come from independent streams.) The report turns
+the per-item (before, after) pairs into an improvement with a CI over items (per seed) and over seeds x
+items (`stats.seed_item_interval`) and calls a run *valid* when its per-seed CI lies above 0 on every seed.
 """
 
 from __future__ import annotations

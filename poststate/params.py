@@ -399,7 +399,8 @@ SECTIONS: dict[str, type[Strict]] = {
     "report": ReportParams,
 }
 VARIANTS: dict[str, tuple[str, ...]] = {"sft": ("mild", "stress"), "opd": ("stress", "mild", "teacher_states")}
-TOP_LEVEL = {"profile", "seeds", *SECTIONS}
+TOP_LEVEL = {"profile", "seeds", "launcher", *SECTIONS}
+LAUNCHERS = ("python", "python3", "torchrun", "accelerate")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -435,6 +436,19 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if unknown:
         raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
     return raw
+
+
+def launcher(raw: dict[str, Any], path: Path = PARAMS_FILE) -> str:
+    """The command the training stages run under (dvc.yaml: `${launcher} stages/sft.py ...`): `python`, or a
+    data-parallel launcher (`torchrun --nproc_per_node 2`, `accelerate launch --num_processes 8`), optionally
+    after VAR=value environment assignments (`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`)."""
+    value = raw.get("launcher", "python")
+    words = value.split() if isinstance(value, str) else []
+    program = next((w for w in words if "=" not in w), None)
+    if program not in LAUNCHERS:
+        raise ParamsError(f"{path}: launcher = {value!r}: expected a command starting with one of {list(LAUNCHERS)} "
+                          "(after optional VAR=value assignments)")
+    return value
 
 
 def seeds(raw: dict[str, Any], path: Path = PARAMS_FILE) -> list[int]:
@@ -481,6 +495,10 @@ def resolve_all(path: Path = PARAMS_FILE) -> dict[str, dict[str, Any]]:
     run_seeds = None
     try:
         run_seeds = seeds(raw, path)
+    except ParamsError as e:
+        errors.append(str(e))
+    try:
+        launcher(raw, path)
     except ParamsError as e:
         errors.append(str(e))
     for section in SECTIONS:

@@ -38,15 +38,15 @@ def train_seed(seed: int) -> str:
     teacher_dir = RUN.teacher / f"s{seed}"
     teacher = load_model(teacher_dir, merge=True, dtype=dtype, device=acc.device).eval().requires_grad_(False)
     student = with_adapter(load_model(run_dir("base", None), dtype=dtype, device=acc.device), p.adapter)
-    # the teacher-state control's held-out states do not depend on the student: the same before and after
-    measure = lambda when: gates.opd_ce(student, tok, RUN.heldout, teacher, p, who,  # noqa: E731
-                                        ("gate", run, seed, when if who == "learner" else "states"))
-    before = measure("before")
+    # before and after draw with common random numbers (one stream): the control's teacher states are the
+    # same states, the student's own states are coupled draws - a paired, unbiased per-prompt difference
+    measure = lambda: gates.opd_ce(student, tok, RUN.heldout, teacher, p, who, ("gate", run, seed))  # noqa: E731
+    before = measure()
     method = opd_method(run, RUN.rows, tok, teacher, p, seed, shard_of(acc),
                         engine=learner_engine(p, tok) if who == "learner" else None)
     result, timing = train_logged(run, seed, student, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc,
                                   progress=RUN.workers == 1)
-    after = measure("after")
+    after = measure()
     if acc.is_main_process:
         items = [f"prompts_heldout/{i}" for i in range(len(RUN.heldout))]
         write_gate(run, seed, gates.record({"heldout_teacher_ce": {

@@ -30,13 +30,13 @@ def train_seed(seed: int) -> str:
     seed_everything(seed)
     base = load_model(run_dir("base", None), dtype=resolve_dtype(p.dtype, acc.device), device=acc.device)
     policy = with_adapter(base, p.adapter)
-    measure = lambda when: gates.rl_reward(policy, tok, heldout, p.rollout, p.gate_samples, p.gen_batch_size,  # noqa: E731
-                                           ("gate", "rl", seed, when))
-    before = measure("before")
+    # before and after draw with common random numbers (one stream): a paired, unbiased per-prompt difference
+    measure = lambda: gates.rl_reward(policy, tok, heldout, p.rollout, p.gate_samples, p.gen_batch_size, ("gate", "rl", seed))  # noqa: E731
+    before = measure()
     method = rl_method("rl", RUN.rows, tok, p, seed, shard_of(acc), engine=learner_engine(p, tok))
     result, timing = train_logged("rl", seed, policy, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc,
                                   progress=RUN.workers == 1)
-    after = measure("after")
+    after = measure()
     if acc.is_main_process:
         items = [f"prompts_heldout/{i}" for i in range(len(heldout))]
         write_gate("rl", seed, gates.record({k: {"better": "higher", "items": items, "before": before[k], "after": after[k]}
