@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -103,3 +110,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- the tiny DAG at a test size
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {  # merged onto params.yaml: every stage runs, in ~2 min on 2 cores
+    "prepare": {"world": {"n_corpus_docs": 1500, "n_towns": 8, "n_rivers": 4, "n_creatures": 8, "n_guilds": 6,
+                          "n_founders": 6, "gsm8k_n_sft": 64, "gsm8k_n_prompts": 32, "gsm8k_n_fewshot": 8,
+                          "gsm8k_n_test": 24, "mmlu_n_test": 24, "mmlu_n_dev_per_subject": 2, "tqa_n_items": 16,
+                          "gsm8k_n_sft_heldout": 8, "gsm8k_n_prompts_heldout": 8}},
+    "base": {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                       "head_dim": 16, "intermediate_size": 64, "vocab_size": 300},
+             "pretrain": {"steps": 12, "batch_size": 8, "seq_len": 64, "max_len": 64}},
+    "sft": {"batch_size": 16, "stress": {"epochs": 1}},
+    "opd": {"steps": 2, "prompts_per_step": 4, "rollout": {"max_new_tokens": 24}, "continuation": {"length": 4}},
+    "rl": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "gate_samples": 2, "rollout": {"max_new_tokens": 24}},
+    "eval": {"harness": {"gsm8k_max_new_tokens": 24}, "drift": {"prompts": 8, "cuts": 2, "permutations": 99,
+                                                                 "rollout": {"max_new_tokens": 24}, "locality_states": 16}},
+}
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`cmd` in `cwd` with this environment's dvc and python on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert not check or proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def published_repo(tmp_path_factory) -> Path:
+    """A copy of this repository's files at SMALL's size, reproduced with `dvc repro` and committed (what a
+    user clones). Tests may rerun stages in it only when the outputs come out the same; to change it, copy it."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    dest = tmp_path_factory.mktemp("published") / "repo"
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for rel in tracked.stdout.split():
+        if (ROOT / rel).is_file() and not rel.startswith(("metrics/", "resolved/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "code"], ["dvc", "repro"],
+                ["git", "add", "-A"], [*git, "commit", "-qm", "dvc repro"]):
+        sh(cmd, dest)
+    return dest

@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from poststate.params import ParamsError, resolve_all, write_resolved
-from tests.test_pipeline import SMALL, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 SET = "sft.lr=3e-4"  # sft@mild inherits lr, sft@stress overrides it
@@ -55,26 +54,11 @@ def previewed(stdout: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory) -> dict:
+def workflow(tmp_path_factory, published_repo) -> dict:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     base = tmp_path_factory.mktemp("dvc_workflow")
-    published, clone = base / "published", base / "clone"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for rel in tracked.stdout.split():
-        if (ROOT / rel).is_file() and not rel.startswith(("metrics/", "resolved/")) and rel != "dvc.lock":
-            (published / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, published / rel)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
-    (published / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    run(["git", "init", "-q"], published)
-    run(["git", "add", "-A"], published)
-    run([*git, "commit", "-qm", "code"], published)
-    run(["dvc", "repro"], published)
-    run(["git", "add", "-A"], published)
-    run([*git, "commit", "-qm", "dvc repro"], published)
-
+    published, clone = published_repo, base / "clone"
     run(["git", "clone", "-q", str(published), str(clone)], base)
     for key, value in (("user.email", "t@t"), ("user.name", "t")):  # dvc exp run commits to refs/exps
         run(["git", "config", key, value], clone)

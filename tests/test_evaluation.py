@@ -15,7 +15,8 @@ from conftest import build_tiny_model
 from pydantic import ValidationError
 
 from poststate import evaluation, prompts
-from poststate.evaluation import EvalParams, encode_pair, evaluate, loglikelihoods
+from poststate.evaluation import encode_pair, evaluate, loglikelihoods
+from poststate.params import EvalParams
 from poststate.rollout import Rollouts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,4 +1,5 @@
-"""End to end: the whole tiny DAG through `dvc repro` in a temporary copy of the repo, at a smaller size.
+"""End to end: the whole tiny DAG through `dvc repro` in a temporary copy of the repo, at a smaller size
+(conftest's `published_repo`, shared with test_dvc_workflow.py).
 
 Checks the metrics files, the report (every row; each verdict recomputed from report.json by its rule),
 that a second `dvc repro` is a no-op, that a parameter change invalidates exactly the stages that depend
@@ -6,67 +7,21 @@ on it, and that re-running a stage with the same params reproduces report.json b
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from poststate import report as rep
+from tests.conftest import sh
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ["base", "sft_mild", "sft_stress", "teacher", "opd_stress", "opd_mild", "opd_teacher_states", "rl"]
 
-SMALL = {
-    "prepare": {"world": {"n_corpus_docs": 1500, "n_towns": 8, "n_rivers": 4, "n_creatures": 8, "n_guilds": 6,
-                          "n_founders": 6, "gsm8k_n_sft": 64, "gsm8k_n_prompts": 32, "gsm8k_n_fewshot": 8,
-                          "gsm8k_n_test": 24, "mmlu_n_test": 24, "mmlu_n_dev_per_subject": 2, "tqa_n_items": 16}},
-    "base": {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                       "head_dim": 16, "intermediate_size": 64, "vocab_size": 300},
-             "pretrain": {"steps": 12, "batch_size": 8, "seq_len": 64, "max_len": 64}},
-    "sft": {"batch_size": 16, "stress": {"epochs": 1}},
-    "opd": {"steps": 2, "prompts_per_step": 4, "rollout": {"max_new_tokens": 24}, "continuation": {"length": 4}},
-    "rl": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "rollout": {"max_new_tokens": 24}},
-    "eval": {"harness": {"gsm8k_max_new_tokens": 24}, "drift": {"prompts": 8, "cuts": 2, "rollout": {"max_new_tokens": 24},
-                                                                 "locality_states": 16}},
-}
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    dest = tmp_path_factory.mktemp("pipeline") / "repo"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for rel in tracked.stdout.split():
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("metrics/", "resolved/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "small"]):
-        sh(cmd, dest)
-    sh(["dvc", "repro"], dest)
-    return dest
+def repo(published_repo) -> Path:
+    return published_repo
 
 
 @pytest.mark.slow
@@ -90,7 +45,9 @@ def test_report_has_every_row_and_verdicts_follow_from_report_json(repo):
     rules = rep.ReportRules.model_validate(report["rules"])
     assert set(report["verdicts"]) == set(rep.FINDINGS)
     for finding, verdict in report["verdicts"].items():
-        assert verdict["verdict"] in (rep.REPRODUCED, rep.NOT_REPRODUCED, rep.INCONCLUSIVE)
+        assert verdict["verdict"] in rep.VERDICTS
+        if verdict["verdict"] == rep.INVALID:  # only when a run behind it failed its gate on some seed
+            assert any(not report["gates"][run]["passed"] for run in rep.FINDING_RUNS[finding])
         assert rep.verdict_for(finding, report, rules) == verdict, finding
         assert f"{finding}" in md and verdict["verdict"] in md
     for png in ("gain_vs_retention", "drift_vs_forgetting", "training_curves"):
