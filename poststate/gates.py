@@ -8,8 +8,8 @@ trained on, with the initial model (before) and the trained one (after), per ite
 |-------------------------|--------------------------------------|----------------------------------------------|
 | SFT                     | gsm8k/sft_heldout.jsonl rows         | gold-token NLL (token mean over the answer)  |
 | RL                      | gsm8k/prompts_heldout.jsonl prompts  | reward at the rollout temperature (mean of `gate_samples` samples) and greedy |
-| OPD                     | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the model's own rollouts |
-| teacher-state control   | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the teacher's rollouts |
+| OPD                     | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the student's own rollouts: drawn once from the initial student (primary: the same states before and after), and again from the trained one (secondary) |
+| teacher-state control   | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the teacher's rollouts (the same before and after) |
 
 Sampling design: items are the held-out rows/prompts (independent draws of the method's training
 distribution). Before and after draw from ONE random stream per run and seed (common random numbers):
@@ -73,18 +73,26 @@ def rl_reward(lm, tokenizer, rows: Sequence[dict[str, Any]], sampling, samples: 
     }
 
 
-def opd_ce(lm, tokenizer, rows: Sequence[dict[str, Any]], teacher, p, who: str, stream: tuple) -> list[float]:
-    """Per held-out prompt: the model's mean CE on the teacher's continuations from up to K cut states of
-    one rollout (the learner's own for OPD, the teacher's for the teacher-state control) - OPD's own loss."""
-    source = RolloutStates(who, list(rows), tokenizer, p.rollout, len(rows), 1, stream, p.gen_batch_size,
+def opd_states(lm, tokenizer, rows: Sequence[dict[str, Any]], teacher, p, who: str, samples: int, stream: tuple):
+    """Held-out OPD states with their supervision: `samples` rollouts per held-out prompt (the model's own
+    for OPD, `who="learner"`; the teacher's for the teacher-state control), up to K cut states each, and
+    the teacher's continuation from every state. Returns (the supervised batch, the prompt of each row)."""
+    source = RolloutStates(who, list(rows), tokenizer, p.rollout, len(rows), samples, stream, p.gen_batch_size,
                            cuts=p.continuation, teacher=teacher)
     if who == "learner":
         source.engine.sync(lm)
     states = source.rollouts([list(range(len(rows)))])[0]
-    sup = TeacherContinuation(teacher, tokenizer, p.continuation, p.gen_batch_size, stream, p.rollout.max_new_tokens).supervise(states, lm)
-    per_state = _per_row(lm, sup, p.max_len, tokenizer.pad_token_id, LossConfig(kind="tokens"))
-    sums, counts = [0.0] * len(rows), [0] * len(rows)
-    for g, v in zip(states.group, per_state):
+    signal = TeacherContinuation(teacher, tokenizer, p.continuation, p.gen_batch_size, stream, p.rollout.max_new_tokens)
+    return signal.supervise(states, lm), list(states.group)
+
+
+def opd_ce(lm, tokenizer, held, n_prompts: int, max_len: int) -> list[float]:
+    """Per held-out prompt: the model's mean CE on the teacher's continuations of its states (`opd_states`)
+    - OPD's own loss. Scoring the same states before and after training makes the difference exactly paired."""
+    sup, group = held
+    per_state = _per_row(lm, sup, max_len, tokenizer.pad_token_id, LossConfig(kind="tokens"))
+    sums, counts = [0.0] * n_prompts, [0] * n_prompts
+    for g, v in zip(group, per_state):
         if v == v:  # a state whose continuation is empty has no loss (NaN): skip it
             sums[g] += v
             counts[g] += 1

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from poststate.methods import Method, Shard, Supervised
 from poststate.objective import StateObjective
@@ -63,6 +62,21 @@ def make_accelerator() -> Accelerator:
     """One process, or one of several under torchrun / accelerate launch (DDP, FSDP via accelerate's
     config). Mixed precision bf16 on CUDA. Gradient accumulation is the loop's own (micro-batches)."""
     return Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", step_scheduler_with_optimizer=False)
+
+
+def lr_schedule(steps: int, warmup: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """The LR factor of optimizer step t = 0..steps-1: linear warmup counted from the first step,
+    (t + 1) / (warmup + 1), then transformers' cosine decay to min_lr_ratio (as
+    `get_cosine_with_min_lr_schedule_with_warmup` after its warmup). transformers' own warmup gives step 0 a
+    factor of 0: the first step batch (a whole RL or OPD draw) would train nothing."""
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / (warmup + 1)
+        progress = (t - warmup) / max(1, steps - warmup)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def shard_of(acc: Accelerator) -> Shard:
@@ -100,9 +114,7 @@ def train(
     if not params:
         raise ValueError(f"{method.name}: the model has no trainable parameters")
     opt = acc.prepare(torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay))
-    sched = get_cosine_with_min_lr_schedule_with_warmup(
-        opt, num_warmup_steps=math.ceil(optim.warmup_ratio * steps), num_training_steps=steps, min_lr_rate=optim.min_lr_ratio
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps, math.ceil(optim.warmup_ratio * steps), optim.min_lr_ratio))
     prepared.train()
     policy = acc.unwrap_model(prepared).lm
     gathered = _gather_context(acc, prepared)

@@ -241,6 +241,7 @@ class Opd(Optim):
     prompts_per_step: int = Field(gt=0)
     gen_batch_size: int = Field(gt=0)  # rollouts / teacher continuations per generation batch
     engine: RolloutBackend = RolloutBackend()  # what samples the student's rollouts (hf | vllm)
+    gate_samples: int = Field(default=2, gt=0)  # held-out rollouts per prompt for the validity gate's states
     rollout: Sampling
     continuation: Continuation
     kl: KL

@@ -38,19 +38,24 @@ def train_seed(seed: int) -> str:
     teacher_dir = RUN.teacher / f"s{seed}"
     teacher = load_model(teacher_dir, merge=True, dtype=dtype, device=acc.device).eval().requires_grad_(False)
     student = with_adapter(load_model(run_dir("base", None), dtype=dtype, device=acc.device), p.adapter)
-    # before and after draw with common random numbers (one stream): the control's teacher states are the
-    # same states, the student's own states are coupled draws - a paired, unbiased per-prompt difference
-    measure = lambda: gates.opd_ce(student, tok, RUN.heldout, teacher, p, who, ("gate", run, seed))  # noqa: E731
-    before = measure()
+    # the held-out states of the kind it trains on, drawn once - from the initial student (= the base), or the
+    # teacher for the control - and scored before and after: an exactly paired per-prompt difference
+    stream, n = ("gate", run, seed), len(RUN.heldout)
+    held = gates.opd_states(student, tok, RUN.heldout, teacher, p, who, p.gate_samples, stream)
+    before = gates.opd_ce(student, tok, held, n, p.max_len)
     method = opd_method(run, RUN.rows, tok, teacher, p, seed, shard_of(acc),
                         engine=learner_engine(p, tok) if who == "learner" else None)
     result, timing = train_logged(run, seed, student, method, p, p.steps, pad_id=tok.pad_token_id, accelerator=acc,
                                   progress=RUN.workers == 1)
-    after = measure()
+    after = gates.opd_ce(student, tok, held, n, p.max_len)
+    items = [f"prompts_heldout/{i}" for i in range(n)]
+    objectives = {"heldout_teacher_ce": {"better": "lower", "items": items, "before": before, "after": after}}
+    if who == "learner":  # secondary: the trained student's own states now (common random numbers with `held`)
+        own = gates.opd_ce(student, tok, gates.opd_states(student, tok, RUN.heldout, teacher, p, who, p.gate_samples, stream),
+                           n, p.max_len)
+        objectives["heldout_teacher_ce_own_states"] = {"better": "lower", "items": items, "before": before, "after": own}
     if acc.is_main_process:
-        items = [f"prompts_heldout/{i}" for i in range(len(RUN.heldout))]
-        write_gate(run, seed, gates.record({"heldout_teacher_ce": {
-            "better": "lower", "items": items, "before": before, "after": after}}, primary="heldout_teacher_ce"))
+        write_gate(run, seed, gates.record(objectives, primary="heldout_teacher_ce"))
         write_compute(run, seed, result, student, kind="opd")
         save_run(student, tok, run_dir(run, seed), kind=run, params=p.model_dump(mode="json"),
                  seed=seed, parents={"base": run_dir("base", None), "teacher": teacher_dir},

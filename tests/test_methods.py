@@ -672,3 +672,25 @@ def test_merged_lora_forward_refuses_dropout():
 
     with pytest.raises(ValidationError, match="dropout"):
         Adapter(kind="lora", dropout=0.1, forward="merged")
+
+
+def test_lr_schedule_warms_up_from_the_first_step_then_is_transformers_cosine():
+    import math
+
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from poststate.loop import lr_schedule
+
+    for steps, warmup, floor in ((24, 0, 0.0), (24, 3, 0.0), (700, 35, 0.1)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr_rate=floor)
+        theirs = []
+        for _ in range(steps):
+            theirs.append(hf.get_last_lr()[0])
+            opt.step()
+            hf.step()
+        ours = [lr_schedule(steps, warmup, floor)(t) for t in range(steps)]
+        assert ours[warmup:] == pytest.approx(theirs[warmup:], abs=1e-12)  # the same cosine after warmup
+        assert ours[:warmup] == pytest.approx([(t + 1) / (warmup + 1) for t in range(warmup)])
+        assert ours[0] > 0 and (warmup == 0 or theirs[0] == 0.0)  # transformers' first step trains nothing
+        assert math.isclose(max(ours), 1.0)
