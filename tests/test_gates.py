@@ -108,10 +108,12 @@ def test_opd_ce_per_item_and_the_control_states_do_not_depend_on_the_student(tin
     before, after = build_tiny_model(tiny_tokenizer, seed=2, init_std=0.5), build_tiny_model(tiny_tokenizer, seed=3, init_std=0.5)
     p = opd_params()
     stream = ("gate", "opd", 0)
-    values = [gates.opd_ce(lm, tiny_tokenizer, ROWS, teacher, p, who, stream) for lm in (before, after)]
+    held = [gates.opd_states(lm, tiny_tokenizer, ROWS, teacher, p, who, 2, stream) for lm in (before, after)]
     assert len(RecordingContinuation.seen) == 2
-    for lm, got, (states, sup) in zip((before, after), values, RecordingContinuation.seen):
-        assert len(got) == 3 and states.origin == who
+    for lm, h, (states, sup) in zip((before, after), held, RecordingContinuation.seen):
+        assert states.origin == who and h[0] is sup and h[1] == list(states.group)
+        assert sorted(set(states.group)) == [0, 1, 2] and len(states.group) >= 3  # 2 rollouts x up to K cuts per prompt
+        got = gates.opd_ce(lm, tiny_tokenizer, h, len(ROWS), p.max_len)
         # by hand: per cut state the mean CE of the teacher's continuation, then the mean over the item's states
         per_state = [row_nll(lm, s, pos[0] + 1, p.max_len) if pos else None for s, pos in zip(sup.seqs, sup.positions)]
         for g in range(3):
@@ -120,4 +122,6 @@ def test_opd_ce_per_item_and_the_control_states_do_not_depend_on_the_student(tin
     (s0, _), (s1, _) = RecordingContinuation.seen
     same = (s0.prompt_ids, s0.prefix_ids, s0.group) == (s1.prompt_ids, s1.prefix_ids, s1.group)
     assert same == (who == "teacher")  # the control's states come from the teacher alone; OPD's from each model
-    assert values[0] != values[1]
+    # the gate scores one set of states with both models: an exactly paired difference
+    paired = [gates.opd_ce(lm, tiny_tokenizer, held[0], len(ROWS), p.max_len) for lm in (before, after)]
+    assert paired[0] != paired[1]

@@ -271,28 +271,41 @@ def test_loglikelihoods_and_truncation_match_hflm_on_real_prompts():
 
 
 class _Scripted(Qwen3ForCausalLM):
-    """A tiny Qwen3 (its cache, shapes and generate) whose greedy next token in each row is the next token of
+    """A tiny Qwen3 (its cache, shapes and decoding) whose greedy next token in each row is the next token of
     a script chosen by that row's prompt, then EOS: the harness and the evaluator generate the same tokens
-    whatever their batching, so only their stopping, decoding and cutting can differ."""
+    whatever their batching, so only their stopping, decoding and cutting can differ. A prefill (an empty
+    cache) finds each row's script by its prompt; rows the decoder drops from its cache
+    (`batch_select_indices`, as poststate's engine does when a row finishes) are dropped here too."""
 
     def set_scripts(self, scripts: dict[tuple[int, ...], list[int]], pad_id: int, eos_id: int) -> _Scripted:
         self.scripts, self.pad_id, self.eos_id = scripts, pad_id, eos_id
         return self
 
-    def generate(self, input_ids=None, **kwargs):
-        self.rows = []  # each row's script, found by its prompt (the ids after its left padding)
-        for row in input_ids.tolist():
+    def _start(self, input_ids, cache) -> None:
+        self.rows, self.steps = [], []
+        for row in input_ids.tolist():  # the prompt: the ids after its left padding
             k = next((i for i, t in enumerate(row) if t != self.pad_id), len(row))
             self.rows.append(self.scripts[tuple(row[k:])])
-        self.step = 0  # greedy generation with a cache: one forward per generated token
-        return super().generate(input_ids=input_ids, **kwargs)
+            self.steps.append(0)
+        if cache is not None and hasattr(cache, "batch_select_indices"):
+            select = cache.batch_select_indices
+
+            def tracked(indices, select=select):
+                keep = [int(i) for i in indices]
+                self.rows, self.steps = [self.rows[i] for i in keep], [self.steps[i] for i in keep]
+                return select(indices)
+
+            cache.batch_select_indices = tracked
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
+            self._start(input_ids, cache)
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits = torch.full_like(out.logits, -30.0)
         for b, script in enumerate(self.rows):
-            logits[b, -1, script[self.step] if self.step < len(script) else self.eos_id] = 30.0
-        self.step += 1
+            logits[b, -1, script[self.steps[b]] if self.steps[b] < len(script) else self.eos_id] = 30.0
+            self.steps[b] += 1
         out.logits = logits
         return out
 
