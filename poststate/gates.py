@@ -12,11 +12,15 @@ trained on, with the initial model (before) and the trained one (after), per ite
 | teacher-state control   | gsm8k/prompts_heldout.jsonl prompts  | CE of the teacher's continuation from states of the teacher's rollouts (the same before and after) |
 
 Sampling design: items are the held-out rows/prompts (independent draws of the method's training
-distribution). Before and after draw from ONE random stream per run and seed (common random numbers):
-where the states or samples depend on the model (OPD, RL) the two measurements are coupled draws, so the
-per-item difference keeps its expectation (the difference of the two expectations) and loses most of the
-sampling noise; the teacher-state control's states do not depend on the student, so they are the same
-states before and after. (The drift instruments do the opposite, on purpose: a two-sample distance between
+distribution). Before and after draw from ONE random stream (common random numbers): where the states or
+samples depend on the model (OPD, RL) the two measurements are coupled draws, so the per-item difference
+keeps its expectation (the difference of the two expectations) and loses most of the sampling noise; the
+teacher-state control's states do not depend on the student, so they are the same states before and after.
+OPD's stream is per run and seed (each seed has its own teacher). RL's is per run: every seed starts from
+the same policy, the base, so its "before" is measured once and every seed's "after" draws on the same
+stream - each seed's difference is still exactly paired; across seeds the "before" is one more property
+of the item, which the seeds x items interval treats as such (`stats.seed_item_interval`: items crossed
+with seeds). (The drift instruments do the opposite, on purpose: a two-sample distance between
 coupled samples is biased toward 0, so drift samples come from independent streams.) The report turns
 the per-item (before, after) pairs into an improvement with a CI over items (per seed) and over seeds x
 items (`stats.seed_item_interval`) and calls a run *valid* when its per-seed CI lies above 0 on every seed.

@@ -22,13 +22,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def workers_for(n_seeds: int, device, num_processes: int = 1) -> int:
-    """How many seed processes: one per seed on a CPU (up to the core count + 1), else 1."""
+def workers_for(n_tasks: int, device, num_processes: int = 1) -> int:
+    """How many processes for a stage's independent tasks (its seeds, and for RL its "before" gate): one per
+    task on a CPU (up to twice the core count: the tasks differ in length, and a core left idle by a short
+    one is taken by the others), else 1."""
     import torch
 
-    if n_seeds < 2 or num_processes > 1 or torch.device(device).type != "cpu":
+    if n_tasks < 2 or num_processes > 1 or torch.device(device).type != "cpu":
         return 1
-    return min(n_seeds, (os.cpu_count() or 1) + 1)
+    return min(n_tasks, max(2, 2 * (os.cpu_count() or 1)))
 
 
 def _one_thread() -> None:

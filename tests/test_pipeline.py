@@ -55,6 +55,16 @@ def test_report_has_every_row_and_verdicts_follow_from_report_json(repo):
 
 
 @pytest.mark.slow
+def test_rl_measures_its_common_initial_policy_once_for_every_seed(repo):
+    """Every RL seed starts from the base: one "before" on the gate's stream, every seed's "after" on it."""
+    seeds = yaml.safe_load((repo / "params.yaml").read_text())["seeds"]
+    gates = [json.loads((repo / "metrics/train/rl" / f"s{s}" / "gate.json").read_text())["objectives"] for s in seeds]
+    assert len(seeds) >= 2
+    for objective in ("reward_sampled", "reward_greedy"):
+        assert all(g[objective]["before"] == gates[0][objective]["before"] for g in gates), objective
+
+
+@pytest.mark.slow
 def test_second_repro_is_a_noop(repo):
     out = sh(["dvc", "repro"], repo).stdout
     assert "Running stage" not in out, out
