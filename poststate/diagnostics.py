@@ -164,24 +164,42 @@ def _pooled(sums: np.ndarray, counts: np.ndarray) -> dict:
     return {"mean": float(sums.sum() / counts.sum()), "pseudo": ratio_pseudovalues(sums[None, :], counts)[0].tolist()}
 
 
-def drift_record(base, model, tok, ref_roll: list[dict], roll: list[dict], states: list[dict], p, tag: tuple) -> dict:
+REF_CUTS = ("drift", "cuts", "base", "reference")  # the stream of the reference sample's cut points
+
+
+def _states(roll: list[dict], kind: str, cuts: int, seed: int) -> tuple[list[str], np.ndarray]:
+    # lexical features read the generated part only: both samples answer the same prompts, whose words
+    # would only dilute the kernel; hidden features read the whole state, through the base model
+    prompts = [""] * len(roll) if kind == "lexical" else [r["prompt"] for r in roll]
+    return d.rollout_states(prompts, [r["completion"] for r in roll], cuts, seed)
+
+
+def reference_hidden(base, tok, ref_roll: list[dict], p) -> np.ndarray:
+    """The base's hidden features of the reference sample's states: the same array for every run and seed
+    compared with that sample, so the base's eval computes it once and stores it (evals/base)."""
+    xs, _ = _states(ref_roll, "hidden", p.drift.cuts, stream_seed(*REF_CUTS))
+    return hidden_features(base, tok, xs, p.batch_size)
+
+
+def drift_record(base, model, tok, ref_roll: list[dict], roll: list[dict], states: list[dict], p, tag: tuple,
+                 ref_hidden: np.ndarray | None = None) -> dict:
     """Drift of one sample of rollouts (`roll`) from the base's reference sample (`ref_roll`), on the same
     prompts, and the locality of the states a run trained on. `tag` = (run, seed) names the random streams:
-    every stream here is distinct from the reference's and from every training stream (`streams`)."""
+    every stream here is distinct from the reference's and from every training stream (`streams`).
+    `ref_hidden`: `reference_hidden(base, tok, ref_roll, p)` when already computed."""
     q = p.drift
     out = {}
-    ref_cut, run_cut = stream_seed("drift", "cuts", "base", "reference"), stream_seed("drift", "cuts", *tag)
+    ref_cut, run_cut = stream_seed(*REF_CUTS), stream_seed("drift", "cuts", *tag)
     for kind in ("lexical", "hidden"):
-        # lexical features read the generated part only: both samples answer the same prompts, whose words
-        # would only dilute the kernel; hidden features read the whole state, through the base model
-        prompts = (lambda rs: [""] * len(rs)) if kind == "lexical" else (lambda rs: [r["prompt"] for r in rs])
-        xs, px = d.rollout_states(prompts(ref_roll), [r["completion"] for r in ref_roll], q.cuts, ref_cut)
-        ys, py = d.rollout_states(prompts(roll), [r["completion"] for r in roll], q.cuts, run_cut)
+        xs, px = _states(ref_roll, kind, q.cuts, ref_cut)
+        ys, py = _states(roll, kind, q.cuts, run_cut)
         if kind == "lexical":
             X = d.lexical_features(xs, ngram=(1, q.ngram_max), dim=q.hash_dim)
             Y = d.lexical_features(ys, ngram=(1, q.ngram_max), dim=q.hash_dim)
         else:
-            X = hidden_features(base, tok, xs, p.batch_size)
+            X = reference_hidden(base, tok, ref_roll, p) if ref_hidden is None else ref_hidden
+            if X.shape[0] != len(xs):
+                raise ValueError(f"drift_record: ref_hidden has {X.shape[0]} rows for {len(xs)} reference states")
             Y = hidden_features(base, tok, ys, p.batch_size)
         out[f"mmd_{kind}"] = d.drift_test(X, px, Y, py, q.permutations, stream_seed("drift", "permutations", kind, *tag))
     if model is not None:

@@ -4,6 +4,8 @@ and measure its state drift from the base model.
 Per seed: harness scores with stderr and n, per-item records (for flips), rollouts of the model on a fixed
 prompt set (the paper's drift states), and, against the base: lexical and hidden-state MMD of prefix
 states, forward KL(base || run) on base samples, and the base model's NLL of the states the run trained on.
+The base's eval is also the drift reference: its rollouts, and the base's hidden features of their states
+(`reference_hidden.npy`), which every other run's eval reads instead of computing them again.
 
 An eval is a function of the model's files (weights, config, tokenizer) and of the eval params, data and
 seed. `--same-as <run>` names a run whose model is expected to be the same one, as the tiny profile's
@@ -30,6 +32,7 @@ from poststate.pool import map_seeds, workers_for
 from poststate.runs import DATA, model_files, read_jsonl, run_dir, write_jsonl
 
 EVALS = Path("evals")
+REF_HIDDEN = "reference_hidden.npy"  # evals/base/: the base's hidden features of its reference states
 
 
 def rollouts(model, tok, rows, p, batch_size: int, seed: int) -> list[dict]:
@@ -93,7 +96,7 @@ EV = SimpleNamespace()  # what every seed's eval shares, set before the seed pro
 
 def eval_seed(seed: int | None) -> dict:
     """Evaluate one seed's model (seed None: the base) into EV.out/s<seed>/; its flat scores."""
-    from poststate.diagnostics import drift_record, flat
+    from poststate.diagnostics import drift_record, flat, reference_hidden
     from poststate.evaluation import evaluate
     from poststate.modeling import load_model
     from poststate.streams import stream_seed
@@ -103,15 +106,18 @@ def eval_seed(seed: int | None) -> dict:
     model = base if run == "base" else load_model(run_dir(run, seed), merge=True, dtype=EV.dtype, device=EV.device).eval()
     scores, items = evaluate(model, tok, DATA, p.harness, seed=0)
     roll = rollouts(model, tok, EV.drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", run, seed))
-    if run == "base":  # the drift noise floor: the base against a second, independent sample of itself
-        floor = rollouts(base, tok, EV.drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", "base", "floor"))
-        record = drift_record(base, None, tok, roll, floor, [], p, ("base", "floor"))
-        scores.update({f"{k}_floor": v for k, v in flat(record).items()})
-    else:
-        record = drift_record(base, model, tok, EV.reference, roll, train_states(run_dir(run, seed)), p, (run, seed))
-        scores.update(flat(record))
     out = EV.out if seed is None else EV.out / f"s{seed}"
     out.mkdir(parents=True, exist_ok=True)
+    if run == "base":  # the drift noise floor: the base against a second, independent sample of itself
+        floor = rollouts(base, tok, EV.drift_rows, p.drift, p.harness.gen_batch_size, stream_seed("drift", "rollouts", "base", "floor"))
+        ref_hidden = reference_hidden(base, tok, roll, p)
+        np.save(out / REF_HIDDEN, ref_hidden)  # for every other run's eval: the same features of the same states
+        record = drift_record(base, None, tok, roll, floor, [], p, ("base", "floor"), ref_hidden=ref_hidden)
+        scores.update({f"{k}_floor": v for k, v in flat(record).items()})
+    else:
+        record = drift_record(base, model, tok, EV.reference, roll, train_states(run_dir(run, seed)), p, (run, seed),
+                              ref_hidden=EV.ref_hidden)
+        scores.update(flat(record))
     atomic_write_json(out / "scores.json", scores)
     atomic_write_json(out / "drift.json", record)
     write_jsonl(out / "items.jsonl", [{"benchmark": b, **r} for b, recs in items.items() for r in recs])
@@ -131,7 +137,8 @@ def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     EV.__dict__.update(p=p, run=run, device=device, dtype=resolve_dtype(p.dtype, device), tok=load_tokenizer(run_dir("base", None)),
                        drift_rows=read_jsonl(DATA / "gsm8k/test.jsonl")[: p.drift.prompts],
-                       reference=None if run == "base" else read_jsonl(EVALS / "base" / "rollouts.jsonl"))
+                       reference=None if run == "base" else read_jsonl(EVALS / "base" / "rollouts.jsonl"),
+                       ref_hidden=None if run == "base" else np.load(EVALS / "base" / REF_HIDDEN))
     with atomic_dir(EVALS / run) as tmp:
         EV.out = tmp
         return map_seeds(eval_seed, run_seeds, workers_for(len(run_seeds), device))
