@@ -66,13 +66,17 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_std
 
 
 def load_stage(name: str):
-    """A stage script (stages/<name>.py) as a module, to call its functions in-process."""
+    """A stage script (stages/<name>.py) as a module, to call its functions in-process. It is registered in
+    sys.modules, as `python stages/<name>.py` registers __main__, so that a stage's forked worker processes
+    (`poststate.pool`) can be handed its functions by name."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

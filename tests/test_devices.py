@@ -61,6 +61,7 @@ def test_training_stages_load_every_model_on_the_accelerator_device(workspace, m
             return acc
 
         monkeypatch.setattr(module, "make_accelerator", acc_factory)
+        monkeypatch.setattr(module, "workers_for", lambda *a, **k: 1)  # in this process, where the loads are recorded
         if name == "opd":
             load_stage("teacher").main()
             module.main(*args, teacher=Path("models/teacher"))
