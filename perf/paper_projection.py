@@ -2,8 +2,8 @@
 per stage, all runs and seeds - and whether it meets the issue's targets (<= 3 H100-hours in all, every
 stage <= 24 GB).
 
-    python perf/paper_projection.py                      # CPU: reduced sizes + counted projection (~2 min)
-    python perf/paper_projection.py --quick              # the same, smaller (~1 min on 2 shared cores)
+    python perf/paper_projection.py                      # CPU: reduced sizes + counted projection
+    python perf/paper_projection.py --quick              # the same, smaller
     python perf/paper_projection.py --json out.json      # on a GPU: measured at full size (docs/performance.md)
     python perf/paper_projection.py --dry-run            # the GPU path's code on the CPU, reduced (figures meaningless)
 
@@ -17,7 +17,7 @@ What is measured and what is projected:
   stress, OPD and RL at the profile's settings (`loop.train`, steps=2, the second timed; the teacher-state
   control is OPD's step with its rollouts replaced by its share of a 64-rollout teacher batch), a 64-rollout
   generation batch and a GSM8K 5-shot eval batch (`rollout.HFRolloutEngine`), a log-likelihood batch
-  (`evaluation._score_groups` where that module imports), activation bytes and the memory grid below. The
+  (`evaluation._score_groups`), activation bytes and the memory grid below. The
   totals multiply measured unit times by the profile's unit counts (printed); the work not run (gates,
   drift, the rest of an evaluation) is priced by `calibrate`: its counted work at the decode-step time and
   the training/forward MFU this run measured.
@@ -62,47 +62,12 @@ from poststate.qwen_tokenizer import QWEN3_0_6B_BASE  # noqa: E402  (stdlib-only
 GIB = 1024**3
 PROFILE = ROOT / "profiles" / "paper.yaml"
 
-# profiles/paper.yaml's values this script reads, for a machine without PyYAML (checked against the file
-# whenever PyYAML is there: `load_profile` names every difference).
-PAPER_FALLBACK: dict[str, Any] = {
-    "seeds": [0, 1, 2],
-    "prepare": {"hub": {"mmlu_subjects": ["abstract_algebra", "college_computer_science", "high_school_physics",
-                                          "high_school_biology", "high_school_us_history", "philosophy",
-                                          "high_school_geography", "high_school_psychology", "nutrition", "marketing"],
-                        "mmlu_per_subject": 50, "gsm8k_test_limit": None, "truthfulqa_limit": None, "sft_size": None,
-                        "prompts_size": 1000}},
-    "sft": {"lr": 2.0e-4, "epochs": 1, "batch_size": 8, "grad_accum": 4, "warmup_ratio": 0.03, "min_lr_ratio": 0.0,
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "max_len": 512,
-            "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05}, "mild": {},
-            "stress": {"epochs": 5, "lr": 5.0e-4, "adapter": {"r": 64, "alpha": 128}}},
-    "opd": {"signal": "continuation", "states": "student", "init": "base", "steps": 200, "prompts_per_step": 16,
-            "lr": 1.0e-4, "batch_size": 16, "gen_batch_size": 64, "warmup_ratio": 0.05, "min_lr_ratio": 0.0,
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "max_len": 768,
-            "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-            "rollout": {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0},
-            "continuation": {"cuts": 4, "cut_rule": "uniform", "length": 32, "temperature": 0.0},
-            "kl": {"direction": "reverse", "estimator": "full"}, "stress": {}, "mild": {},
-            "teacher_states": {"states": "teacher"}},
-    "rl": {"init": "base", "steps": 200, "prompts_per_step": 16, "group_size": 8, "lr": 1.0e-5, "batch_size": 16,
-           "gen_batch_size": 128, "loss_agg": "sequence_mean", "warmup_ratio": 0.05, "min_lr_ratio": 0.0,
-           "weight_decay": 0.0, "max_grad_norm": 1.0, "max_len": 768,
-           "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-           "rollout": {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0},
-           "std_norm": True, "kl_coef": 0.0, "clip_eps": 0.2, "inner_steps": 1},
-    "eval": {"harness": {"gsm8k_fewshot": 5, "gsm8k_fewshot_seed": 1234, "gsm8k_limit": None,
-                         "gsm8k_max_new_tokens": 256, "truthfulqa_limit": None, "mmlu_style": "letter",
-                         "mmlu_fewshot": 5, "mmlu_limit": None, "gen_batch_size": 64, "ll_batch_size": 32},
-             "drift": {"prompts": 200, "cuts": 4, "rollout": {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0},
-                       "locality_states": 512},
-             "batch_size": 16},
-}
 # poststate.params defaults the profile leaves unset (Optim.dtype / gradient_checkpointing, Adapter, HubData)
 OPTIM_DEFAULTS = {"dtype": "auto", "gradient_checkpointing": False}
 ADAPTER_DEFAULTS = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "forward": "adapter",
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 HELDOUT_DEFAULTS = {"prompts_heldout_size": 128, "sft_heldout_size": 200}
-GATE_BATCH = 64  # poststate.gates.GATE_BATCH (not imported: gates is core, but keep this file's imports few)
-RL_GATE_SAMPLES = 4  # poststate.params.Rl.gate_samples default
+GATE_SAMPLES = {"opd": 2, "rl": 4}  # poststate.params Opd/Rl.gate_samples defaults, where a profile sets none
 
 # Row counts of the datasets (the Hub cards; checked against a local copy when one is found)
 DATASET_ROWS = {"gsm8k_train": 7473, "gsm8k_test": 1319, "truthfulqa": 817}
@@ -128,29 +93,15 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _diff(a: Any, b: Any, path: str = "") -> list[str]:
-    """Keys of `b` (the fallback) whose values differ in `a` (the file)."""
-    if isinstance(b, dict):
-        if not isinstance(a, dict):
-            return [path or "<root>"]
-        return [d for k in b for d in _diff(a.get(k, "<missing>"), b[k], f"{path}.{k}" if path else k)]
-    return [] if a == b else [f"{path}: file {a!r}, fallback {b!r}"]
-
-
 def load_profile(path: Path) -> tuple[dict, str]:
-    """(profile dict, where it came from). PyYAML when installed, else PAPER_FALLBACK."""
-    try:
-        import yaml
-    except ModuleNotFoundError:
-        return PAPER_FALLBACK, "constants in perf/paper_projection.py (PAPER_FALLBACK, copied from profiles/paper.yaml; PyYAML not installed)"
+    """(profile dict, where it came from). PyYAML is there wherever transformers is (its dependency)."""
+    import yaml
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such profile (pass --profile)")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
-    stale = _diff(data, PAPER_FALLBACK)
-    if stale and path.resolve() == PROFILE.resolve():
-        print(f"note: PAPER_FALLBACK differs from {path} at {stale[:4]} - update it", flush=True)
     return data, str(path)
 
 
@@ -178,6 +129,8 @@ def section(profile: dict, name: str, variant: str | None = None) -> SimpleNames
             raise KeyError(f"profile has no variant {name}.{variant}")
         shared = deep_merge(shared, raw[variant] or {})
     merged = deep_merge(OPTIM_DEFAULTS, shared)
+    if name in GATE_SAMPLES:
+        merged.setdefault("gate_samples", GATE_SAMPLES[name])
     merged["adapter"] = deep_merge(ADAPTER_DEFAULTS, shared.get("adapter", {}))
     return _ns(merged)
 
@@ -388,16 +341,22 @@ def inventory(profile: dict, L: dict[str, float], a: Arch) -> list[Unit]:
             step.add(count_generate(a, len(grp), statistics.mean(grp), Lc, prompt_max=max(grp)))
         step.add(count_train(a, [c + Lc for c in ctxs], len(ctxs) * Lc, p.batch_size, lora, p.gradient_checkpointing))
         units.append(Unit(f"opd@{v}", f"optimizer step ({n} rollouts x {new} + {len(ctxs)} continuations x {Lc})", seeds * p.steps, step))
-        m = heldout["prompts_heldout_size"]
-        gate = Counter()
+        # the gate (stages/opd.py): held-out states drawn once (gate_samples rollouts per prompt, the teacher's
+        # continuation from each cut), scored before and after; OPD draws them again from the trained student
+        # and scores them once more (its secondary objective)
+        m = heldout["prompts_heldout_size"] * p.gate_samples
+        draw = Counter()
         for b in range(0, m, p.gen_batch_size):
-            gate.add(count_generate(a, min(p.gen_batch_size, m - b), P0, new))
+            draw.add(count_generate(a, min(p.gen_batch_size, m - b), P0, new))
         g_ctx = [P0 + x for x in uniform_prefix_lengths(m, new, K, rng)]
         for b in range(0, len(g_ctx), p.gen_batch_size):
             grp = g_ctx[b : b + p.gen_batch_size]
-            gate.add(count_generate(a, len(grp), statistics.mean(grp), Lc, prompt_max=max(grp)))
-        gate.add(Counter(fwd_flops=a.fwd_flops(sum(g_ctx) + len(g_ctx) * Lc, statistics.mean(g_ctx) / 2) + a.head_flops(len(g_ctx) * Lc)))
-        units.append(Unit(f"opd@{v}", f"validity gate ({m} held-out prompts: rollouts, continuations, CE; before+after)", seeds * 2, gate))
+            draw.add(count_generate(a, len(grp), statistics.mean(grp), Lc, prompt_max=max(grp)))
+        ce = Counter(fwd_flops=a.fwd_flops(sum(g_ctx) + len(g_ctx) * Lc, statistics.mean(g_ctx) / 2) + a.head_flops(len(g_ctx) * Lc))
+        own = p.states == "student"
+        units.append(Unit(f"opd@{v}", f"validity gate: held-out states ({m} rollouts, their continuations)" + (", twice" if own else ""),
+                          seeds * (2 if own else 1), draw))
+        units.append(Unit(f"opd@{v}", f"validity gate: CE of those states ({len(g_ctx)} states)", seeds * (3 if own else 2), ce))
 
     p = section(profile, "rl")
     n = p.prompts_per_step * p.group_size
@@ -412,10 +371,12 @@ def inventory(profile: dict, L: dict[str, float], a: Arch) -> list[Unit]:
     units.append(Unit("rl", f"optimizer step ({n} rollouts x {new}, {math.ceil(n / p.batch_size)} micro-batches)", seeds * p.steps, step))
     m = heldout["prompts_heldout_size"]
     gate = Counter()
-    for k in (m, m * RL_GATE_SAMPLES):  # greedy, then gate_samples per prompt at the rollout temperature
+    for k in (m, m * p.gate_samples):  # greedy, then gate_samples per prompt at the rollout temperature
         for b in range(0, k, p.gen_batch_size):
             gate.add(count_generate(a, min(p.gen_batch_size, k - b), P0, new))
-    units.append(Unit("rl", f"validity gate ({m} greedy + {m * RL_GATE_SAMPLES} sampled rollouts, before+after)", seeds * 2, gate))
+    # stages/rl.py: the base once ("before", the same initial policy for every seed), each seed after
+    units.append(Unit("rl", f"validity gate ({m} greedy + {m * p.gate_samples} sampled rollouts; before once, after per seed)",
+                      seeds + 1, gate))
 
     # evals: the base once (+ its noise-floor rollouts), then every trained run and the teacher, per seed
     e = need(profile, "eval")
@@ -997,29 +958,21 @@ def calibrate(g: Gpu, a: Arch, measured: dict, L: dict[str, float], profile: dic
 
 def measure_ll(model, tok, h, L, device: str) -> dict[str, Any]:
     """One log-likelihood batch: `ll_batch_size` TruthfulQA-like groups of the data's mean packed length T and
-    mean scored tokens K (a prefix and 10 continuations of K/10 tokens), scored by `evaluation._score_groups`,
-    or, where that module does not import, by a plain forward with logits at the last K positions."""
+    mean scored tokens K (a prefix and 10 continuations of K/10 tokens), scored by `evaluation._score_groups`
+    (poststate.evaluation imports with torch and transformers alone)."""
+    from poststate.evaluation import _score_groups
+
     B, T, K = h["ll_batch_size"], int(L["tqa_row_mean"]), int(L["tqa_scored_mean"])
     m = 10
     c = max(2, round(K / m))
     P = T - m * (c - 1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150_000, (B, P + m * c), generator=g).tolist()
-    try:
-        from poststate.evaluation import _score_groups
-    except ModuleNotFoundError as e:  # poststate.evaluation imports poststate.params (pydantic) for annotations
-        how = f"plain forward, logits at the last {m * c} positions (poststate.evaluation does not import: {e})"
+    how = "evaluation._score_groups"
+    groups = [(r[:P], [r[P + c * j : P + c * (j + 1)] for j in range(m)]) for r in ids]
 
-        def run():
-            with torch.inference_mode():
-                x = torch.tensor([r[:T] for r in ids], device=device)
-                torch.log_softmax(model(input_ids=x, logits_to_keep=m * c).logits.float(), -1)
-    else:
-        how = "evaluation._score_groups"
-        groups = [(r[:P], [r[P + c * j : P + c * (j + 1)] for j in range(m)]) for r in ids]
-
-        def run():
-            _score_groups(model, groups, tok.pad_token_id)
+    def run():
+        _score_groups(model, groups, tok.pad_token_id)
 
     run()
     with Clock(device == "cuda") as clock:
@@ -1093,7 +1046,7 @@ def report(units: list[Unit], g: Gpu, mem: dict[str, dict[str, float]], measured
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller CPU measurements (< 2 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="smaller CPU measurements")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     ap.add_argument("--profile", type=Path, default=PROFILE)
     ap.add_argument("--data", type=Path, help="a directory laid out like ../shared/data (default: data/hub, ../shared/data)")
