@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from poststate.rehearsal import merge  # params overrides merged as the rehearsal merges them
+
 EOS = "<|endoftext|>"  # Qwen3-Base convention: EOS doubles as the pad token
 TOKENIZER_TEXT = [
     "Question: Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -70,8 +72,6 @@ def load_stage(name: str):
     sys.modules, as `python stages/<name>.py` registers __main__, so that a stage's forked worker processes
     (`poststate.pool`) can be handed its functions by name."""
     import importlib.util
-    import sys
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
@@ -133,13 +133,6 @@ SMALL = {  # merged onto params.yaml: every stage runs, in ~2 min on 2 cores
     "eval": {"harness": {"gsm8k_max_new_tokens": 24}, "drift": {"prompts": 8, "cuts": 2, "permutations": 99,
                                                                  "rollout": {"max_new_tokens": 24}, "locality_states": 16}},
 }
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

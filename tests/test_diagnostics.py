@@ -1,12 +1,15 @@
 """Model-based drift diagnostics (poststate.diagnostics) against unbatched hand loops on tiny Qwen3s:
 forward KL(base || tuned), token NLL, hidden-state features; each returns per-sequence values."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from poststate.diagnostics import drift_record, forward_kl, hidden_features, reference_hidden, token_nll
+from tests.conftest import build_tiny_model
 
 
 
@@ -110,22 +113,19 @@ def test_model_diagnostics_require_eval_mode():
         token_nll(m, IDS, STARTS, batch_size=2)
 
 
-def test_drift_record_with_the_stored_reference_features_is_the_same_record():
+def test_drift_record_with_the_stored_reference_features_is_the_same_record(tiny_tokenizer):
     """The base's eval stores reference_hidden() once (evals/base/reference_hidden.npy); a run's eval that
     passes it gets the record it would compute itself, number for number; a stale array is refused."""
-    from types import SimpleNamespace
-
-    from tests.conftest import build_tiny_model, build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
+    tok = tiny_tokenizer
     base = build_tiny_model(tok, seed=0, init_std=0.5)
     words = "Tom has 3 apples and buys 4 more apples so he has 7 apples".split()
     ref = [{"prompt": f"Question: {i}", "completion": " ".join(words[i % 3: 8 + i % 4])} for i in range(6)]
     roll = [{"prompt": f"Question: {i}", "completion": " ".join(words[(i + 1) % 3: 9])} for i in range(6)]
     p = SimpleNamespace(drift=SimpleNamespace(cuts=3, ngram_max=2, hash_dim=256, permutations=19, locality_states=0), batch_size=4)
+    n = len(ref) * p.drift.cuts  # every completion has more words than cuts: K states each
     fresh = drift_record(base, None, tok, ref, roll, [], p, ("test", 0))
     stored = reference_hidden(base, tok, ref, p)
-    assert stored.shape == (18, base.config.hidden_size)
+    assert stored.shape == (n, base.config.hidden_size)
     assert drift_record(base, None, tok, ref, roll, [], p, ("test", 0), ref_hidden=stored) == fresh
-    with pytest.raises(ValueError, match="ref_hidden has 17 rows for 18 reference states"):
+    with pytest.raises(ValueError, match=f"ref_hidden has {n - 1} rows for {n} reference states"):
         drift_record(base, None, tok, ref, roll, [], p, ("test", 0), ref_hidden=stored[:-1])

@@ -21,18 +21,11 @@ import pytest
 import yaml
 
 from poststate.params import ParamsError, resolve_all, write_resolved
+from tests.conftest import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SET = "sft.lr=3e-4"  # sft@mild inherits lr, sft@stress overrides it
-
-
-def stage_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_resolve", ROOT / "stages" / "resolve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+RESOLVE = load_stage("resolve")  # stages/resolve.py, its functions called in-process
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -55,9 +48,7 @@ def previewed(stdout: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory, published_repo) -> dict:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    base = tmp_path_factory.mktemp("dvc_workflow")
+    base = tmp_path_factory.mktemp("dvc_workflow")  # (published_repo skips where git is missing)
     published, clone = published_repo, base / "clone"
     run(["git", "clone", "-q", str(published), str(clone)], base)
     for key, value in (("user.email", "t@t"), ("user.name", "t")):  # dvc exp run commits to refs/exps
@@ -70,7 +61,7 @@ def workflow(tmp_path_factory, published_repo) -> dict:
     out["preview"] = run([sys.executable, "stages/resolve.py", "--dry", "-S", SET], clone).stdout
     out["preview_wrote"] = run(["git", "status", "--porcelain"], clone).stdout != out["porcelain"] or before != {
         p.name: p.read_bytes() for p in (clone / "resolved").iterdir()}
-    out["dry"] = run(["dvc", "exp", "run", "--dry", "--allow-missing", "-S", SET], clone)
+    out["dry"] = run(["dvc", "exp", "run", "--dry", "--allow-missing", "-S", SET], clone, check=False)  # its test checks the exit
     out["dry_wrote"] = run(["git", "status", "--porcelain"], clone).stdout != out["porcelain"]
     out["exp"] = run(["dvc", "exp", "run", "-S", SET], clone).stdout
     return out
@@ -103,7 +94,7 @@ def test_dvc_exp_run_dry_exits_0_and_names_nothing_the_preview_does_not(workflow
 
 
 def test_overrides_apply_as_dvc_exp_run_applies_them_and_leave_params_yaml_alone(tmp_path):
-    resolve = stage_module()
+    resolve = RESOLVE
     before = (ROOT / "params.yaml").read_bytes()
     base = resolve_all(ROOT / "params.yaml")
     moved = resolve_all(resolve.overridden_params([SET], tmp_path, ROOT / "params.yaml"))
@@ -117,7 +108,7 @@ def test_overrides_apply_as_dvc_exp_run_applies_them_and_leave_params_yaml_alone
 
 
 def test_param_changes_names_the_stages_whose_resolved_file_moves_with_the_diff(tmp_path):
-    resolve = stage_module()
+    resolve = RESOLVE
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     old = write_resolved(resolve_all(ROOT / "params.yaml"), tmp_path / "resolved")
     new_params = resolve.overridden_params([SET], tmp_path, ROOT / "params.yaml")
@@ -148,7 +139,7 @@ def test_other_changes_keeps_code_and_uncached_data_and_leaves_params_and_checko
         "report": [{"changed deps": {"params.yaml": {"report.rules": "new"}}}],
     }
     cached = {"data/prepared", "models/base", "models/rl"}  # metrics/train/rl is a cache: false out
-    assert stage_module().other_changes(status, cached) == {
+    assert RESOLVE.other_changes(status, cached) == {
         "sft@mild": "stages/sft.py modified",
         "rl": "models/rl not in cache; metrics/train/rl modified; always changed",
         "report": "params.yaml: report.rules new",
@@ -160,11 +151,11 @@ def test_plan_runs_everything_downstream_of_a_change_but_not_of_resolve():
              ("sft@stress", "resolve"), ("sft@stress", "base"), ("eval@sft_mild", "sft@mild"), ("eval@sft_stress", "sft@stress"),
              ("report", "eval@sft_mild"), ("report", "eval@sft_stress"), ("report", "resolve")]
     order = ["resolve", "prepare", "base", "sft@mild", "sft@stress", "eval@sft_mild", "eval@sft_stress", "report"]
-    plan = stage_module().plan(edges, order, {"sft@mild": "lr", "resolve": "params.yaml: sft"})
+    plan = RESOLVE.plan(edges, order, {"sft@mild": "lr", "resolve": "params.yaml: sft"})
     assert plan == [("resolve", "params.yaml: sft"), ("sft@mild", "lr"), ("eval@sft_mild", "after sft@mild"),
                     ("report", "after eval@sft_mild")]
-    assert stage_module().plan(edges, order, {}) == []
-    assert [s for s, _ in stage_module().plan(edges, order, {"base": "code"})] == order[2:]
+    assert RESOLVE.plan(edges, order, {}) == []
+    assert [s for s, _ in RESOLVE.plan(edges, order, {"base": "code"})] == order[2:]
 
 
 def test_write_resolved_dry_run_writes_nothing_and_a_run_leaves_only_current_sections(tmp_path):

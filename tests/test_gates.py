@@ -113,6 +113,7 @@ def test_opd_ce_per_item_and_the_control_states_do_not_depend_on_the_student(tin
     for lm, h, (states, sup) in zip((before, after), held, RecordingContinuation.seen):
         assert states.origin == who and h[0] is sup and h[1] == list(states.group)
         assert sorted(set(states.group)) == [0, 1, 2] and len(states.group) >= 3  # 2 rollouts x up to K cuts per prompt
+        assert len(states.group) <= len(ROWS) * 2 * p.continuation.cuts
         got = gates.opd_ce(lm, tiny_tokenizer, h, len(ROWS), p.max_len)
         # by hand: per cut state the mean CE of the teacher's continuation, then the mean over the item's states
         per_state = [row_nll(lm, s, pos[0] + 1, p.max_len) if pos else None for s, pos in zip(sup.seqs, sup.positions)]
@@ -125,3 +126,4 @@ def test_opd_ce_per_item_and_the_control_states_do_not_depend_on_the_student(tin
     # the gate scores one set of states with both models: an exactly paired difference
     paired = [gates.opd_ce(lm, tiny_tokenizer, held[0], len(ROWS), p.max_len) for lm in (before, after)]
     assert paired[0] != paired[1]
+    assert any(a != b for a, b in zip(*paired) if not math.isnan(a))  # on a scored item, not a NaN (no states) one

@@ -232,6 +232,12 @@ def test_stop_strings_cut_the_same_greedy_rollout(peaked_model, tiny_tokenizer, 
             assert ids == full_ids and n_ans == len(ids)
         # the log-prob of every kept id, the terminator's included (up to float rounding: the batch shrinks as rows finish)
         assert lp == pytest.approx(full_lp[: len(ids)], abs=1e-5)
+    # one row per batch: no batch to shrink, so the same log-probs bit for bit
+    free1 = HFRolloutEngine(peaked_model, tok, 1).generate(prompt_ids, SamplingParams(40, 0.0), seed=0)
+    cut1 = HFRolloutEngine(peaked_model, tok, 1).generate(prompt_ids, SamplingParams(40, 0.0, stop=(stop,)), seed=0)
+    assert cut1.completion_ids == cut.completion_ids
+    for full_lp, ids, lp in zip(free1.logprobs, cut1.completion_ids, cut1.logprobs, strict=True):
+        assert lp == full_lp[: len(ids)]
 
 
 def test_eos_is_kept_and_ends_the_row(peaked_model, tiny_tokenizer, prompt_ids):

@@ -7,6 +7,7 @@ seed, role), a model 2% away from the base agrees with the base's drift rollouts
 independent sample of the base itself does.
 """
 
+import hashlib
 
 import pytest
 import torch
@@ -37,14 +38,18 @@ def test_streams_are_distinct_and_stable():
              stream_seed("drift", "rollouts", "sft_mild", 0), stream_seed("drift", "rollouts", "sft_mild", 1),
              stream_seed("drift", "rollouts", "rl", 0), stream_seed("train", "rl", 0, "rollouts", 0, 0)}
     assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
-    assert stream_seed("drift", "rollouts", "rl", 0) == stream_seed("drift", "rollouts", "rl", 0)
+    # stable: the documented hash, recomputed here (blake2b of the parts' text joined by \x1f, top 63 bits)
+    digest = hashlib.blake2b("drift\x1frollouts\x1frl\x1f0".encode(), digest_size=8, person=b"poststate-rng").digest()
+    assert stream_seed("drift", "rollouts", "rl", 0) == int.from_bytes(digest, "little") >> 1
     assert stream_seed("a", 1) != stream_seed("a", "1", 0) and stream_seed("ab", "c") != stream_seed("a", "bc")
+    # a stream is named by its parts' text: an int and its decimal string, None and "none", name the same one
+    assert stream_seed("a", 1) == stream_seed("a", "1") and stream_seed("x", None) == stream_seed("x", "none")
     with pytest.raises(TypeError, match="str, int or None"):
         stream_seed("drift", 1.5)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_model_2_percent_away_draws_as_independently_as_a_second_base_sample(tiny_tokenizer):
-    torch.set_num_threads(1)
     rollouts = load_stage("eval").rollouts
     base = build_tiny_model(tiny_tokenizer, seed=0, init_std=0.2)
     near = build_tiny_model(tiny_tokenizer, seed=0, init_std=0.2)
@@ -57,7 +62,7 @@ def test_a_model_2_percent_away_draws_as_independently_as_a_second_base_sample(t
     coupled = draw(near, "base", None)  # the old design: the tuned model sampled with the base's own stream
     base_vs_base, run_vs_base = _agreement(ref, floor), _agreement(ref, run)
     # what the shared stream did: the same draws until the first token where the two models part
-    # (0.73 here; this random model is far less peaked than the trained tiny base, which gave 0.997)
+    # (0.743 here; this random model is far less peaked than the trained tiny base, which gave 0.997)
     assert _agreement(ref, coupled) > 0.5
-    # independent streams: the tuned model agrees with the base as rarely as a second base sample (0.006 vs 0.004)
+    # independent streams: the tuned model agrees with the base as rarely as a second base sample (0.004 vs 0.002)
     assert run_vs_base < 0.05 and abs(run_vs_base - base_vs_base) < 0.02, (run_vs_base, base_vs_base)
