@@ -100,7 +100,7 @@ def train(
     *,
     pad_id: int,
     accelerator: Accelerator | None = None,
-    log: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[int, dict[str, float], float], None] | None = None,  # (step, metrics, step seconds)
     keep_states: int = 256,
     progress: bool = True,
 ) -> TrainResult:

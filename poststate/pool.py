@@ -1,14 +1,15 @@
-"""Training seeds side by side on a CPU: one forked process per seed, one torch thread each.
+"""A stage's independent tasks side by side on a CPU: one forked process per task, one torch thread each.
 
-A tiny model's matrix products are too small to keep two threads busy (an SFT step of the tiny base:
-0.29 s on 1 thread, 0.19 s on 2; a 16-row generation step: no faster on 2), so on a CPU with several seeds
-each seed runs in its own process on one thread and the cores serve the seeds instead of splitting each
-product. Every seed's computation is self-contained (its own random streams, its own outputs), so what a
-seed produces does not depend on which process ran it or on how many ran at once; one thread or two give
-the same bits for these models (checked: a training step's weights and sampled tokens, 1 vs 2 threads).
+The tasks are a stage's seeds (and, for RL, its "before" gate, measured once for every seed). A tiny
+model's matrix products are too small to keep two threads busy (an SFT step of the tiny base: 0.29 s on 1
+thread, 0.19 s on 2; a 16-row generation step: no faster on 2), so on a CPU each task runs in its own
+process on one thread and the cores serve the tasks instead of splitting each product. Every task's
+computation is self-contained (its own random streams, its own outputs), so what it produces does not
+depend on which process ran it or on how many ran at once; one thread or two give the same bits for these
+models (checked: a training step's weights and sampled tokens, 1 vs 2 threads).
 
-Not used (seeds run in order, in this process) on a GPU, under several data-parallel processes, or for
-a single seed. Processes are forked after the stage has loaded its inputs but before torch has run
+Not used (tasks run in order, in this process) on a GPU, under several data-parallel processes, or for a
+single task. Processes are forked after the stage has loaded its inputs but before torch has run
 anything, so nothing is imported twice.
 """
 
@@ -19,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+A = TypeVar("A")
 T = TypeVar("T")
 
 
@@ -39,10 +41,10 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def map_seeds(fn: Callable[[int], T], seeds: Sequence[int], workers: int) -> list[T]:
-    """[fn(seed) for seed in seeds], in `workers` forked processes of one torch thread each when
-    workers > 1 (results in seed order; a failing seed fails the call with its exception)."""
+def map_tasks(fn: Callable[[A], T], tasks: Sequence[A], workers: int) -> list[T]:
+    """[fn(task) for task in tasks], in `workers` forked processes of one torch thread each when
+    workers > 1 (results in task order; a failing task fails the call with its exception)."""
     if workers <= 1:
-        return [fn(s) for s in seeds]
+        return [fn(t) for t in tasks]
     with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread, maxtasksperchild=1) as pool:
-        return pool.map(fn, list(seeds), chunksize=1)
+        return pool.map(fn, list(tasks), chunksize=1)

@@ -205,7 +205,7 @@ class HFRolloutEngine:
         cache = DynamicCache()
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
         logits_BV = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True,
-                          logits_to_keep=1, **{_CACHE_KWARG(model): cache}).logits[:, -1]
+                          logits_to_keep=1, **{_cache_kwarg_of(type(model)): cache}).logits[:, -1]
         rows = list(range(len(prompts)))  # the unfinished rows, in cache order
         pos_B = pos_BT[:, -1]
         generated: list[list[int]] = [[] for _ in prompts]
@@ -234,7 +234,7 @@ class HFRolloutEngine:
             mask_BT = torch.cat([mask_BT, mask_BT.new_ones((len(rows), 1))], dim=-1)
             pos_B = pos_B + 1
             logits_BV = model(input_ids=next_B[:, None], attention_mask=mask_BT, position_ids=pos_B[:, None],
-                              use_cache=True, logits_to_keep=1, **{_CACHE_KWARG(model): cache}).logits[:, -1]
+                              use_cache=True, logits_to_keep=1, **{_cache_kwarg_of(type(model)): cache}).logits[:, -1]
         out = []
         for ids, lps in zip(generated, logprobs):
             kept, answer_len, text, finished = cut_completion(ids, tok, params.stop, eos_id, pad_id)
@@ -265,10 +265,6 @@ def _warpers(params: SamplingParams):
 def _cache_kwarg_of(cls: type) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); both are accepted for a while."""
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _CACHE_KWARG(model) -> str:  # noqa: N802
-    return _cache_kwarg_of(type(model))
 
 
 def make_engine(backend, model_path, tokenizer, batch_size: int, *, lora_rank: int | None = None, work_dir=None) -> RolloutEngine:

@@ -2,10 +2,11 @@
 
 A seed is `stream_seed(*parts)`, a 63-bit integer hashed (blake2b) from the parts' text, e.g.
 `stream_seed("drift", "rollouts", "sft_mild", 0)` for the drift rollouts of sft_mild's seed-0 model, or
-`stream_seed("train", "rl", 0, "rollouts", step)` for a training draw. Two streams with different parts
-cannot share a seed except by a hash collision (probability ~2^-63 per pair), so a tuned model is never
-sampled with the base's own random draws, and no eval stream coincides with a training stream: the
-samples that an estimator treats as independent come from independent streams.
+`stream_seed("train", "rl", 0, "rollouts", step)` for a training draw. A stream is named by its parts' text
+(1 and "1", None and "none", name the same stream). Two streams with different texts cannot share a seed
+except by a hash collision (probability ~2^-63 per pair), so a tuned model is never sampled with the
+base's own random draws, and no eval stream coincides with a training stream: the samples that an
+estimator treats as independent come from independent streams.
 """
 
 from __future__ import annotations

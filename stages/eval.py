@@ -28,7 +28,7 @@ import typer
 
 from poststate.artifacts import atomic_dir, atomic_write_json
 from poststate.params import load_section, read_params, seeds
-from poststate.pool import map_seeds, workers_for
+from poststate.pool import map_tasks, workers_for
 from poststate.runs import DATA, model_files, read_jsonl, run_dir, write_jsonl
 
 EVALS = Path("evals")
@@ -141,7 +141,7 @@ def evaluate_run(run: str, run_seeds: list[int | None]) -> list[dict]:
                        ref_hidden=None if run == "base" else np.load(EVALS / "base" / REF_HIDDEN))
     with atomic_dir(EVALS / run) as tmp:
         EV.out = tmp
-        return map_seeds(eval_seed, run_seeds, workers_for(len(run_seeds), device))
+        return map_tasks(eval_seed, run_seeds, workers_for(len(run_seeds), device))
 
 
 def main(

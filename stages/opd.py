@@ -12,6 +12,7 @@ side, one process each (`poststate.pool`).
 """
 
 from pathlib import Path
+from statistics import fmean
 from types import SimpleNamespace
 
 import typer
@@ -21,14 +22,10 @@ from poststate.loop import make_accelerator, shard_of
 from poststate.methods import opd_method
 from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.pool import map_seeds, workers_for
+from poststate.pool import map_tasks, workers_for
 from poststate.runs import DATA, learner_engine, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 RUN = SimpleNamespace()  # what every seed shares, set before the seed processes fork
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def train_seed(seed: int) -> str:
@@ -62,7 +59,7 @@ def train_seed(seed: int) -> str:
                  data={"prompts": DATA / "gsm8k/prompts.jsonl"}, result=result,
                  extra={"states": {"source": method.source.origin, "signal": p.signal, "count": result.states}})
     acc.wait_for_everyone()
-    return f"  seed {seed}: {timing}, loss {result.last['loss']:.4f}; held-out teacher CE {mean(before):.4f} -> {mean(after):.4f}"
+    return f"  seed {seed}: {timing}, loss {result.last['loss']:.4f}; held-out teacher CE {fmean(before):.4f} -> {fmean(after):.4f}"
 
 
 def main(
@@ -78,7 +75,7 @@ def main(
                         workers=workers_for(len(run_seeds), acc.device, acc.num_processes))
     echo = typer.echo if acc.is_main_process else (lambda *_: None)
     echo(f"opd@{variant}: {p.steps} steps x {p.prompts_per_step} prompts, {p.states} states; {len(run_seeds)} seeds, {RUN.workers} at a time")
-    for line in map_seeds(train_seed, run_seeds, RUN.workers):
+    for line in map_tasks(train_seed, run_seeds, RUN.workers):
         echo(line)
 
 

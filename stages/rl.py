@@ -9,6 +9,7 @@ after (`poststate.gates`). Every seed starts from the same policy (the base: LoR
     python stages/rl.py                 # writes models/rl/s<seed>/
 """
 
+from statistics import fmean
 from types import SimpleNamespace
 
 import typer
@@ -18,14 +19,10 @@ from poststate.loop import make_accelerator, shard_of
 from poststate.methods import rl_method
 from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.pool import map_seeds, workers_for
+from poststate.pool import map_tasks, workers_for
 from poststate.runs import DATA, learner_engine, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 RUN = SimpleNamespace()  # what every seed shares, set before the seed processes fork
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 STREAM = ("gate", "rl")  # the gate's one random stream: the base before, every seed's policy after
@@ -75,14 +72,14 @@ def main() -> None:
                         workers=workers_for(1 + len(run_seeds), acc.device, acc.num_processes))
     echo = typer.echo if acc.is_main_process else (lambda *_: None)
     echo(f"rl: {p.steps} steps x {p.prompts_per_step} prompts x {p.group_size} samples; {len(run_seeds)} seeds and the 'before' gate, {RUN.workers} at a time")
-    before, *per_seed = map_seeds(task, [None, *run_seeds], RUN.workers)
+    before, *per_seed = map_tasks(task, [None, *run_seeds], RUN.workers)
     items = [f"prompts_heldout/{i}" for i in range(len(RUN.heldout))]
     for seed, (after, timing) in zip(run_seeds, per_seed):
         if acc.is_main_process:
             write_gate("rl", seed, gates.record({k: {"better": "higher", "items": items, "before": before[k], "after": after[k]}
                                                  for k in before}, primary="reward_sampled"))
-        echo(f"  seed {seed}: {timing}; held-out reward sampled {mean(before['reward_sampled']):.3f} -> "
-             f"{mean(after['reward_sampled']):.3f}, greedy {mean(before['reward_greedy']):.3f} -> {mean(after['reward_greedy']):.3f}")
+        echo(f"  seed {seed}: {timing}; held-out reward sampled {fmean(before['reward_sampled']):.3f} -> "
+             f"{fmean(after['reward_sampled']):.3f}, greedy {fmean(before['reward_greedy']):.3f} -> {fmean(after['reward_greedy']):.3f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from poststate.loop import make_accelerator, shard_of
 from poststate.methods import sft_method
 from poststate.modeling import load_model, load_tokenizer, resolve_dtype, with_adapter
 from poststate.params import load_section, read_params, seeds
-from poststate.pool import map_seeds, workers_for
+from poststate.pool import map_tasks, workers_for
 from poststate.runs import DATA, read_jsonl, run_dir, save_run, seed_everything, train_logged, write_compute, write_gate
 
 RUN = SimpleNamespace()  # what every seed shares, set before the seed processes fork
@@ -59,7 +59,7 @@ def main(variant: str = typer.Argument(..., help="sft variant: mild | stress")) 
     echo = typer.echo if acc.is_main_process else (lambda *_: None)
     echo(f"sft@{variant}: {len(rows)} rows x {p.epochs} epochs = {steps} steps; adapter {p.adapter.kind}; "
          f"{len(run_seeds)} seeds, {RUN.workers} at a time")
-    for line in map_seeds(train_seed, run_seeds, RUN.workers):
+    for line in map_tasks(train_seed, run_seeds, RUN.workers):
         echo(line)
 
 
